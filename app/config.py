@@ -1,0 +1,53 @@
+"""The one Settings class: every knob stockhold reads from the environment.
+
+Each timing default carries a comment on why it is what it is; the README's configuration table mirrors
+this file (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Unset -> `stockhold serve` starts an embedded Redis-compatible server under DATA_DIR.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    # Unset -> `stockhold serve` starts an embedded PostgreSQL under DATA_DIR.
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    data_dir: Path = Field(default=Path(".data"), validation_alias="STOCKHOLD_DATA_DIR")
+
+    host: str = Field(default="127.0.0.1", validation_alias="STOCKHOLD_HOST")
+    port: int = Field(default=8000, validation_alias="STOCKHOLD_PORT")
+
+    # Number of Redis hash-slot shards SKUs are spread over. A deployment constant: changing it moves
+    # every SKU to another shard, so it needs a rebuild. 16 spreads a hot catalogue over a 3-primary cluster.
+    shard_count: int = Field(default=16, ge=1, le=1024, validation_alias="STOCKHOLD_SHARDS")
+
+    # Invariant 6 asks that an expired hold stops counting within 1 s with no client touching the SKU.
+    # Sweeping every 200 ms leaves 800 ms for a slow tick (GC pause, busy Redis) inside that budget.
+    sweep_interval_ms: int = Field(default=200, ge=10, le=250, validation_alias="STOCKHOLD_SWEEP_INTERVAL_MS")
+    # Holds expired per script call: bounds how long one sweep call blocks Redis (~1 µs per line).
+    sweep_batch: int = Field(default=200, ge=1, le=5000, validation_alias="STOCKHOLD_SWEEP_BATCH")
+
+    # How long an Idempotency-Key's first answer is kept for replay. A day covers any sane client retry
+    # policy (Stripe keeps 24 h as well) without keeping keys forever.
+    idempotency_ttl_seconds: int = Field(
+        default=86_400, ge=60, le=7 * 86_400, validation_alias="STOCKHOLD_IDEMPOTENCY_TTL_SECONDS"
+    )
+    # Request bodies above this are refused with 413 before parsing: the largest valid reservation
+    # (50 items) is about 4 KiB, so 64 KiB leaves room and still stops memory abuse.
+    max_body_bytes: int = Field(default=65_536, ge=1024, validation_alias="STOCKHOLD_MAX_BODY_BYTES")
+
+    # Tenant used until API keys arrive: every key and event already carries a tenant.
+    default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,75 @@
+"""Domain errors. Each carries a stable machine ``code`` that the API puts in its problem document;
+the API layer maps classes to HTTP statuses, the domain knows nothing of HTTP."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+
+class ScriptCode(IntEnum):
+    """Negative status codes returned by the Lua scripts (first element of the reply)."""
+
+    SKU_NOT_FOUND = -1
+    INSUFFICIENT_STOCK = -2
+    LIMIT_EXCEEDED = -3
+    STOCK_CONFLICT = -4
+    RESERVATION_NOT_FOUND = -5
+    RESERVATION_RELEASED = -6
+    RESERVATION_CONFIRMED = -7
+    IDEMPOTENCY_CONFLICT = -8
+
+
+class StockError(Exception):
+    code = "stock_error"
+    title = "Stock error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class SkuNotFound(StockError):
+    code = "sku_not_found"
+    title = "SKU not found"
+
+
+class InsufficientStock(StockError):
+    code = "insufficient_stock"
+    title = "Insufficient stock"
+
+
+class LimitExceeded(StockError):
+    code = "limit_exceeded"
+    title = "Per-user limit exceeded"
+
+
+class StockConflict(StockError):
+    code = "stock_conflict"
+    title = "Stock conflict"
+
+
+class ReservationNotFound(StockError):
+    code = "reservation_not_found"
+    title = "Reservation not found"
+
+
+class ReservationReleased(StockError):
+    code = "reservation_released"
+    title = "Reservation released"
+
+
+class ReservationConfirmed(StockError):
+    code = "reservation_confirmed"
+    title = "Reservation confirmed"
+
+
+class IdempotencyConflict(StockError):
+    code = "idempotency_conflict"
+    title = "Idempotency-Key reused with another request"
+
+
+class NotReady(StockError):
+    code = "not_ready"
+    title = "Service not ready"

@@ -1,0 +1,63 @@
+"""The only place Redis key names are built.
+
+Every SKU maps to one of `shard_count` shards by ``crc32(tenant:sku) % shard_count``; every key of a shard
+carries the hash tag ``{<shard>}``, so all keys one script call touches live in one cluster hash slot (on a
+single Redis and on Redis Cluster alike). Lua scripts never build key names: they receive these as KEYS.
+
+Layout (``s`` = shard number)::
+
+    sh:{s}:sku:<tenant>:<sku>     HASH  counters and settings of one SKU
+    sh:{s}:usr:<tenant>:<sku>     HASH  user_id -> units held + bought (per-user limit)
+    sh:{s}:res:<reservation_id>   HASH  one reservation's part on this shard (+ the document on its home shard)
+    sh:{s}:expiry                 ZSET  reservation_id -> deadline (ms) of live pre_reserve holds
+    sh:{s}:events                 STREAM every stock change, XADDed by the script that made it
+    sh:{s}:idem:<tenant>:<digest> HASH  an Idempotency-Key's fingerprint and first answer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+
+PREFIX = "sh"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Builds key names for one deployment (its shard count is part of the layout)."""
+
+    shard_count: int
+
+    def shard_of(self, tenant: str, sku: str) -> int:
+        return zlib.crc32(f"{tenant}:{sku}".encode()) % self.shard_count
+
+    def shard_of_idempotency(self, tenant: str, scope: str, key: str) -> int:
+        return zlib.crc32(f"{tenant}:{scope}:{key}".encode()) % self.shard_count
+
+    @staticmethod
+    def _tag(shard: int) -> str:
+        return f"{PREFIX}:{{{shard}}}"
+
+    def sku(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:sku:{tenant}:{sku}"
+
+    def user_counts(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:usr:{tenant}:{sku}"
+
+    def reservation(self, shard: int, reservation_id: str) -> str:
+        return f"{self._tag(shard)}:res:{reservation_id}"
+
+    def expiry(self, shard: int) -> str:
+        return f"{self._tag(shard)}:expiry"
+
+    def events(self, shard: int) -> str:
+        return f"{self._tag(shard)}:events"
+
+    def idempotency(self, shard: int, tenant: str, scope: str, key: str) -> str:
+        # Hash the client's key: it may be long or contain anything; the digest keeps key names bounded.
+        digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()[:32]
+        return f"{self._tag(shard)}:idem:{tenant}:{digest}"
+
+    def all_shards(self) -> range:
+        return range(self.shard_count)

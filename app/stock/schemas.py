@@ -1,0 +1,110 @@
+"""Request and response shapes of the stock domain (pydantic, no FastAPI).
+
+Validation is strict on purpose: a quantity of "2", 2.5 or true is refused rather than coerced, unknown
+fields are refused (a typo like ``safety_stok`` must not silently mean 0), and every bound named in the
+design is enforced here before anything reaches Redis.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SkuId = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
+# Printable text without control characters; 128 is ample for UUIDs, emails and platform user ids.
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+MAX_UNITS = 1_000_000_000  # keeps every counter far inside Lua's exact-integer range (2^53)
+
+
+class Mode(StrEnum):
+    PRE_RESERVE = "pre_reserve"
+    ON_ORDER = "on_order"
+    ON_PAYMENT = "on_payment"
+
+
+class ReservationStatus(StrEnum):
+    HELD = "held"
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SkuSettings(_Strict):
+    on_hand: int = Field(ge=0, le=MAX_UNITS)
+    safety_stock: int = Field(default=0, ge=0, le=MAX_UNITS)
+    mode: Mode = Field(default=Mode.PRE_RESERVE, strict=False)
+    hold_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
+    per_user_limit: int | None = Field(default=None, ge=1, le=MAX_UNITS)
+
+
+class Adjustment(_Strict):
+    delta: int = Field(ge=-MAX_UNITS, le=MAX_UNITS)
+    reason: str = Field(min_length=1, max_length=200)
+
+    @field_validator("delta")
+    @classmethod
+    def _non_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("delta must not be 0")
+        return value
+
+
+class ReservationItem(_Strict):
+    sku: SkuId
+    quantity: int = Field(ge=1, le=1000)
+
+
+class ReservationRequest(_Strict):
+    user_id: UserId
+    items: list[ReservationItem] = Field(min_length=1, max_length=50)
+    channel: Annotated[str, StringConstraints(pattern=SKU_PATTERN)] | None = None
+
+    @field_validator("items")
+    @classmethod
+    def _distinct_skus(cls, items: list[ReservationItem]) -> list[ReservationItem]:
+        seen: set[str] = set()
+        for item in items:
+            if item.sku in seen:
+                raise ValueError(f"sku {item.sku!r} appears twice; send one line per SKU")
+            seen.add(item.sku)
+        return items
+
+
+class SkuState(BaseModel):
+    sku: str
+    on_hand: int
+    safety_stock: int
+    held: int
+    sold: int
+    available: int
+    mode: Mode
+    hold_ttl_seconds: int
+    per_user_limit: int | None
+
+
+class ReservationLine(BaseModel):
+    sku: str
+    quantity: int
+
+
+class Reservation(BaseModel):
+    id: str
+    status: ReservationStatus
+    user_id: str
+    items: list[ReservationLine]
+    channel: str | None = None
+    created_at: datetime
+    expires_at: datetime | None
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

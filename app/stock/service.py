@@ -1,0 +1,405 @@
+"""The stock domain: catalogue changes, reservations, confirmations and releases.
+
+Every change to a counter happens inside one Lua script call on one shard, together with its event.
+A reservation whose SKUs live on several shards is reserved shard by shard (home shard first) and, if a
+later shard refuses, the shards already done are undone by compensation (release.lua with 'undo'), so
+the reservation is all-or-nothing. Confirm spans shards the same way, undone by revert_confirm.lua.
+Shards are always visited in the same order (the order of the reservation's first line per shard), so
+two concurrent operations on one reservation meet on its home shard first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from app.stock.clock import now_ms
+from app.stock.errors import (
+    IdempotencyConflict,
+    InsufficientStock,
+    LimitExceeded,
+    ReservationConfirmed,
+    ReservationNotFound,
+    ReservationReleased,
+    ScriptCode,
+    SkuNotFound,
+    StockConflict,
+    StockError,
+)
+from app.stock.idempotency import IdempotencyRequest
+from app.stock.keys import KeySpace
+from app.stock.reservation_ids import home_shard_of, new_reservation_id
+from app.stock.schemas import (
+    Adjustment,
+    Mode,
+    Reservation,
+    ReservationItem,
+    ReservationLine,
+    ReservationRequest,
+    ReservationStatus,
+    SkuSettings,
+    SkuState,
+    from_ms,
+)
+from app.store.scripts import Scripts
+
+# Overall status of a reservation from its parts' statuses: a release or an expiry of any part speaks
+# for the whole (the others follow within one sweep, deadlines being shared); 'confirmed' only when
+# every part is.
+_STATUS_PRECEDENCE = [
+    ReservationStatus.RELEASED,
+    ReservationStatus.EXPIRED,
+    ReservationStatus.HELD,
+    ReservationStatus.PENDING,
+    ReservationStatus.CONFIRMED,
+]
+
+
+def combine_statuses(statuses: Sequence[str]) -> ReservationStatus:
+    present = {ReservationStatus(s) for s in statuses}
+    for status in _STATUS_PRECEDENCE:
+        if status in present:
+            return status
+    raise ValueError("a reservation has at least one part")
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    shard: int
+    lines: list[tuple[int, ReservationItem]]  # (index in the request, item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    reservation_id: str
+    tenant: str
+    user_id: str
+    items: list[ReservationItem]
+    channel: str | None
+    created_at: int
+    deadline: int
+    parts: list[_Part]
+    statuses: list[str]
+
+
+class StockService:
+    def __init__(self, redis: Redis, scripts: Scripts, keys: KeySpace, idempotency_ttl_seconds: int) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self._idem_ttl = idempotency_ttl_seconds
+
+    # -- catalogue ------------------------------------------------------------------------------------
+
+    async def put_sku(
+        self, tenant: str, sku: str, settings: SkuSettings, idem: IdempotencyRequest | None = None
+    ) -> tuple[SkuState, bool]:
+        """Creates or updates a SKU; atomic with its event and its idempotency record (set_sku-3.lua).
+        Returns the state and whether the SKU was created."""
+        shard = self.keys.shard_of(tenant, sku)
+        reply = await self.scripts.call(
+            "set_sku",
+            [self.keys.sku(shard, tenant, sku), self.keys.events(shard), self._idem_key(shard, tenant, idem)],
+            [
+                tenant,
+                sku,
+                settings.on_hand,
+                settings.safety_stock,
+                settings.mode.value,
+                settings.hold_ttl_seconds,
+                settings.per_user_limit or 0,
+                now_ms(),
+                idem.fingerprint if idem else "",
+                self._idem_ttl,
+            ],
+        )
+        self._raise_catalogue_error(reply, sku)
+        return _sku_state(sku, reply[1:]), int(reply[0]) == 1
+
+    async def adjust(
+        self, tenant: str, sku: str, adjustment: Adjustment, idem: IdempotencyRequest | None = None
+    ) -> SkuState:
+        """Restocks or shrinks on_hand by a delta; atomic with its event (adjust_stock-3.lua)."""
+        shard = self.keys.shard_of(tenant, sku)
+        reply = await self.scripts.call(
+            "adjust_stock",
+            [self.keys.sku(shard, tenant, sku), self.keys.events(shard), self._idem_key(shard, tenant, idem)],
+            [
+                tenant,
+                sku,
+                adjustment.delta,
+                now_ms(),
+                adjustment.reason,
+                idem.fingerprint if idem else "",
+                self._idem_ttl,
+            ],
+        )
+        self._raise_catalogue_error(reply, sku)
+        return _sku_state(sku, reply[1:])
+
+    async def get_sku(self, tenant: str, sku: str) -> SkuState:
+        shard = self.keys.shard_of(tenant, sku)
+        values = await self.redis.hmget(
+            self.keys.sku(shard, tenant, sku),
+            ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"],
+        )
+        if values[0] is None:
+            raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
+        return _sku_state(sku, [values[0], values[1], values[2], values[3], values[4], values[5], values[6]])
+
+    # -- reservations ---------------------------------------------------------------------------------
+
+    async def reserve(self, tenant: str, request: ReservationRequest, reservation_id: str | None = None) -> Reservation:
+        """Holds every line all-or-nothing: one reserve.lua call per shard, compensated on refusal.
+
+        ``reservation_id`` is given on an idempotent retry: parts that already exist are left as they are.
+        """
+        now = now_ms()
+        parts = self._group(tenant, request.items)
+        rid = reservation_id or new_reservation_id(parts[0].shard)
+        doc = orjson.dumps(
+            {
+                "user_id": request.user_id,
+                "items": [item.model_dump() for item in request.items],
+                "channel": request.channel,
+                "shards": [p.shard for p in parts],
+            }
+        ).decode()
+        deadline_arg = "" if len(parts) == 1 else str(await self._shared_deadline(tenant, request.items, now))
+
+        done: list[_Part] = []
+        statuses: list[str] = []
+        deadline, already = 0, False
+        for i, part in enumerate(parts):
+            reply = await self._call_part(
+                "reserve",
+                tenant,
+                rid,
+                part,
+                [rid, tenant, request.user_id, now, deadline_arg, doc if i == 0 else ""],
+                with_quantities=True,
+            )
+            code = int(reply[0])
+            if code < 0:
+                await self._undo(tenant, rid, done, now)
+                raise _line_error(code, reply, part)
+            done.append(part)
+            already = already or code == 1
+            statuses.append(reply[1])
+            deadline = int(reply[2])
+        if already:
+            return await self.get_reservation(tenant, rid)
+        return Reservation(
+            id=rid,
+            status=combine_statuses(statuses),
+            user_id=request.user_id,
+            items=[ReservationLine(sku=i.sku, quantity=i.quantity) for i in request.items],
+            channel=request.channel,
+            created_at=from_ms(now),
+            expires_at=from_ms(deadline) if deadline else None,
+        )
+
+    async def get_reservation(self, tenant: str, reservation_id: str) -> Reservation:
+        return _to_reservation(await self._load(tenant, reservation_id))
+
+    async def confirm(self, tenant: str, reservation_id: str) -> Reservation:
+        """Payment arrived: confirm.lua on every part; if one refuses, revert_confirm.lua on the parts
+        this call confirmed, so the reservation is confirmed whole or not at all."""
+        loaded = await self._load(tenant, reservation_id)
+        now = now_ms()
+        confirmed_now: list[_Part] = []
+        for part in loaded.parts:
+            reply = await self._call_part("confirm", tenant, reservation_id, part, [reservation_id, now])
+            code = int(reply[0])
+            if code < 0:
+                for done in reversed(confirmed_now):
+                    await self._call_part("revert_confirm", tenant, reservation_id, done, [reservation_id, now])
+                raise _line_error(code, reply, part)
+            if code == 0:
+                confirmed_now.append(part)
+        return _to_reservation(loaded, [ReservationStatus.CONFIRMED])
+
+    async def release(self, tenant: str, reservation_id: str) -> Reservation:
+        """The buyer cancels: release.lua on every part (idempotent; a confirmed reservation is refused)."""
+        loaded = await self._load(tenant, reservation_id)
+        now = now_ms()
+        statuses: list[str] = []
+        for part in loaded.parts:
+            reply = await self._call_part(
+                "release", tenant, reservation_id, part, [reservation_id, now], mode="release"
+            )
+            code = int(reply[0])
+            if code < 0:
+                raise _line_error(code, reply, part)
+            statuses.append(reply[1])
+        return _to_reservation(loaded, statuses)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _idem_key(self, shard: int, tenant: str, idem: IdempotencyRequest | None) -> str:
+        # Without a key the script leaves this one untouched; it still names a key of the same slot.
+        if idem is None:
+            return self.keys.idempotency(shard, tenant, "-", "-")
+        return self.keys.idempotency(shard, tenant, idem.scope, idem.key)
+
+    @staticmethod
+    def _raise_catalogue_error(reply: list[Any], sku: str) -> None:
+        code = int(reply[0])
+        if code == ScriptCode.SKU_NOT_FOUND:
+            raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
+        if code == ScriptCode.STOCK_CONFLICT:
+            held, sold = int(reply[1]), int(reply[2])
+            raise StockConflict(
+                f"on_hand - safety_stock may not fall below held + sold ({held} + {sold}) for SKU {sku!r}",
+                held=held,
+                sold=sold,
+            )
+        if code == ScriptCode.IDEMPOTENCY_CONFLICT:
+            raise IdempotencyConflict("this Idempotency-Key was already used with a different request; use a new key")
+
+    def _group(self, tenant: str, items: Sequence[ReservationItem]) -> list[_Part]:
+        by_shard: dict[int, list[tuple[int, ReservationItem]]] = {}
+        for index, item in enumerate(items):
+            by_shard.setdefault(self.keys.shard_of(tenant, item.sku), []).append((index, item))
+        return [_Part(shard, lines) for shard, lines in by_shard.items()]
+
+    async def _shared_deadline(self, tenant: str, items: Sequence[ReservationItem], now: int) -> int:
+        """One deadline for a reservation spanning shards: now + the shortest hold_ttl_seconds of its
+        pre_reserve lines (0 when it has none), so its parts expire together."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                shard = self.keys.shard_of(tenant, item.sku)
+                pipe.hmget(self.keys.sku(shard, tenant, item.sku), ["mode", "hold_ttl_seconds"])
+            rows = await pipe.execute()
+        deadline = 0
+        for item, (mode, ttl) in zip(items, rows, strict=True):
+            if mode is None:
+                raise SkuNotFound(f"SKU {item.sku!r} does not exist", sku=item.sku)
+            if mode == Mode.PRE_RESERVE:
+                line_deadline = now + int(ttl) * 1000
+                deadline = line_deadline if deadline == 0 else min(deadline, line_deadline)
+        return deadline
+
+    async def _call_part(
+        self,
+        script: str,
+        tenant: str,
+        rid: str,
+        part: _Part,
+        head_args: list[Any],
+        *,
+        with_quantities: bool = False,
+        mode: str | None = None,
+    ) -> Any:
+        shard = part.shard
+        keys = [self.keys.reservation(shard, rid), self.keys.expiry(shard), self.keys.events(shard)]
+        args: list[Any] = [*head_args, len(part.lines)]
+        if mode is not None:
+            args.append(mode)
+        for _, item in part.lines:
+            keys.append(self.keys.sku(shard, tenant, item.sku))
+            keys.append(self.keys.user_counts(shard, tenant, item.sku))
+            args.append(item.sku)
+            if with_quantities:
+                args.append(item.quantity)
+        return await self.scripts.call(script, keys, args)
+
+    async def _undo(self, tenant: str, rid: str, done: list[_Part], now: int) -> None:
+        for part in reversed(done):
+            await self._call_part("release", tenant, rid, part, [rid, now], mode="undo")
+
+    async def _load(self, tenant: str, reservation_id: str) -> _Loaded:
+        home = home_shard_of(reservation_id, self.keys.shard_count)
+        if home is None:
+            raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
+        st, owner, deadline, created, doc = await self.redis.hmget(
+            self.keys.reservation(home, reservation_id), ["st", "t", "exp", "c", "doc"]
+        )
+        if st is None or doc is None or owner != tenant:
+            raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
+        data = orjson.loads(doc)
+        items = [ReservationItem(**item) for item in data["items"]]
+        parts = self._group(tenant, items)
+        statuses = [str(st)]
+        if len(parts) > 1:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for part in parts[1:]:
+                    pipe.hget(self.keys.reservation(part.shard, reservation_id), "st")
+                statuses += [str(s) for s in await pipe.execute() if s is not None]
+        return _Loaded(
+            reservation_id=reservation_id,
+            tenant=tenant,
+            user_id=data["user_id"],
+            items=items,
+            channel=data.get("channel"),
+            created_at=int(str(created)),
+            deadline=int(str(deadline)),
+            parts=parts,
+            statuses=statuses,
+        )
+
+
+def _sku_state(sku: str, values: Sequence[Any]) -> SkuState:
+    on_hand, safety, held, sold = (int(v) for v in values[:4])
+    limit = int(values[6])
+    return SkuState(
+        sku=sku,
+        on_hand=on_hand,
+        safety_stock=safety,
+        held=held,
+        sold=sold,
+        available=max(0, on_hand - safety - held - sold),
+        mode=Mode(values[4]),
+        hold_ttl_seconds=int(values[5]),
+        per_user_limit=limit or None,
+    )
+
+
+def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> Reservation:
+    return Reservation(
+        id=loaded.reservation_id,
+        status=combine_statuses(statuses or loaded.statuses),
+        user_id=loaded.user_id,
+        items=[ReservationLine(sku=i.sku, quantity=i.quantity) for i in loaded.items],
+        channel=loaded.channel,
+        created_at=from_ms(loaded.created_at),
+        expires_at=from_ms(loaded.deadline) if loaded.deadline else None,
+    )
+
+
+def _line_error(code: int, reply: Sequence[Any], part: _Part) -> StockError:
+    """Turns a script's negative reply into the domain error, naming SKUs instead of line numbers."""
+
+    def item(line: Any) -> ReservationItem:
+        return part.lines[int(line) - 1][1]
+
+    if code == ScriptCode.SKU_NOT_FOUND:
+        sku = item(reply[1]).sku
+        return SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
+    if code == ScriptCode.INSUFFICIENT_STOCK:
+        short = [
+            {"sku": item(reply[i]).sku, "requested": item(reply[i]).quantity, "available": int(reply[i + 1])}
+            for i in range(1, len(reply), 2)
+        ]
+        names = ", ".join(f"{s['sku']} ({s['available']} available, {s['requested']} requested)" for s in short)
+        return InsufficientStock(f"not enough stock for {names}", items=short)
+    if code == ScriptCode.LIMIT_EXCEEDED:
+        line, limit, units = item(reply[1]), int(reply[2]), int(reply[3])
+        return LimitExceeded(
+            f"user may have at most {limit} of SKU {line.sku!r}; they have {units} and asked for {line.quantity}",
+            sku=line.sku,
+            limit=limit,
+            units=units,
+            requested=line.quantity,
+        )
+    if code == ScriptCode.RESERVATION_NOT_FOUND:
+        return ReservationNotFound("reservation does not exist")
+    if code == ScriptCode.RESERVATION_RELEASED:
+        return ReservationReleased("the reservation was released; its stock went back on sale")
+    if code == ScriptCode.RESERVATION_CONFIRMED:
+        return ReservationConfirmed("the reservation is confirmed (paid); it can no longer be released")
+    raise RuntimeError(f"unexpected script reply {list(reply)!r}")

@@ -1,0 +1,85 @@
+"""Loads the Lua scripts in ``lua/`` and calls them by SHA.
+
+File names carry the contract, as in BullMQ: ``verb_noun-<numkeys>.lua`` for a fixed key count, plain
+``verb_noun.lua`` for a variable one (its header documents the layout). ``--@include name`` lines are
+replaced by ``lua/includes/name.lua`` before hashing, so there is no hand-kept registry and no Lua inside
+Python strings.
+
+Calls go through redis-py's ``AsyncScript`` objects: EVALSHA, and on NOSCRIPT (Redis restarted, flushed,
+or a new cluster primary) SCRIPT LOAD then EVALSHA again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
+_INCLUDE = re.compile(r"^--@include\s+(\w+)\s*$", re.MULTILINE)
+_NAME = re.compile(r"^(?P<name>[a-z_]+)(?:-(?P<numkeys>\d+))?$")
+
+Arg = str | int | float | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LuaSource:
+    name: str
+    numkeys: int | None  # None: variable, the caller passes the keys
+    body: str
+
+
+def _inline(body: str, includes: Path, seen: frozenset[str] = frozenset()) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in seen:
+            raise ValueError(f"include cycle through {name!r}")
+        path = includes / f"{name}.lua"
+        return _inline(path.read_text(), includes, seen | {name})
+
+    return _INCLUDE.sub(replace, body)
+
+
+def read_sources(lua_dir: Path = LUA_DIR) -> dict[str, LuaSource]:
+    sources: dict[str, LuaSource] = {}
+    for path in sorted(lua_dir.glob("*.lua")):
+        match = _NAME.match(path.stem)
+        if match is None:
+            raise ValueError(f"{path.name}: Lua files are named verb_noun[-numkeys].lua")
+        numkeys = match.group("numkeys")
+        sources[match.group("name")] = LuaSource(
+            name=match.group("name"),
+            numkeys=int(numkeys) if numkeys is not None else None,
+            body=_inline(path.read_text(), lua_dir / "includes"),
+        )
+    return sources
+
+
+class Scripts:
+    """The loaded scripts of one Redis connection, called by name."""
+
+    def __init__(self, redis: Redis, lua_dir: Path = LUA_DIR) -> None:
+        self._redis = redis
+        self.sources = read_sources(lua_dir)
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(src.body) for name, src in self.sources.items()
+        }
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script once at start, so the first requests do not pay for it."""
+        for src in self.sources.values():
+            await self._redis.script_load(src.body)
+
+    def sha(self, name: str) -> str:
+        return str(self._scripts[name].sha)
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Arg], client: Any = None) -> Any:
+        src = self.sources[name]
+        if src.numkeys is not None and len(keys) != src.numkeys:
+            raise ValueError(f"{name} takes {src.numkeys} keys, got {len(keys)}")
+        return await self._scripts[name](keys=list(keys), args=list(args), client=client)

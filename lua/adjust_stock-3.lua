@@ -1,0 +1,48 @@
+--[[
+  Restocks (delta > 0) or shrinks (delta < 0) one SKU's on_hand.
+
+  A shrink that would leave less than held + sold (after safety_stock) is refused and changes nothing.
+
+  Input:
+    KEYS[1] SKU hash                    sh:{s}:sku:<tenant>:<sku>
+    KEYS[2] shard event stream          sh:{s}:events
+    KEYS[3] idempotency record          (untouched when ARGV[6] is '')
+
+    ARGV[1] tenant
+    ARGV[2] sku
+    ARGV[3] delta, non-zero integer
+    ARGV[4] now, ms since the epoch
+    ARGV[5] reason (free text, carried on the event)
+    ARGV[6] idempotency fingerprint, '' for none
+    ARGV[7] idempotency record TTL, seconds
+
+  Output:
+    {0, on_hand, safety_stock, held, sold, mode, hold_ttl_seconds, per_user_limit}  event 'adjusted'
+    {-1}               SKU_NOT_FOUND
+    {-4, held, sold}   STOCK_CONFLICT: the shrink would go below held + sold
+    {-8}               IDEMPOTENCY_CONFLICT
+]]
+--@include common
+--@include idempotency
+
+local replay = idem_replay(KEYS[3], ARGV[6])
+if replay then
+  return replay
+end
+
+local delta = tonumber(ARGV[3])
+local s = read_sku(KEYS[1])
+local result
+if not s then
+  result = {-1}
+elseif s.on_hand + delta - s.safety < s.held + s.sold then
+  result = {-4, s.held, s.sold}
+else
+  local on_hand = redis.call('HINCRBY', KEYS[1], 'on_hand', delta)
+  redis.call('XADD', KEYS[2], '*', 'type', 'adjusted', 'tenant', ARGV[1], 'sku', ARGV[2], 'qty', delta,
+    'res', '', 'user', '', 'on_hand', on_hand, 'held', s.held, 'sold', s.sold, 'at', ARGV[4],
+    'reason', ARGV[5])
+  result = {0, on_hand, s.safety, s.held, s.sold, s.mode, s.ttl, s.limit}
+end
+idem_store(KEYS[3], ARGV[6], ARGV[7], result)
+return result

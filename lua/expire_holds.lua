@@ -1,0 +1,58 @@
+--[[
+  The sweeper's step: expires a batch of this shard's due pre_reserve holds, returning their units.
+
+  The caller picks due ids from the expiry index and reads their lines; this script re-checks each
+  part under the script's atomicity (still held, deadline passed) so a hold confirmed or released in
+  between, or expired by another sweeper, is left alone. Index entries whose part is gone or no longer
+  held are removed. The batch size bounds how long one call blocks Redis.
+
+  Input (variable key count: 2 + per reservation (1 + 2 per line)):
+    KEYS[1]   shard expiry index              sh:{s}:expiry
+    KEYS[2]   shard event stream              sh:{s}:events
+    then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash
+
+    ARGV[1]   now, ms since the epoch
+    ARGV[2]   number of reservations r
+    then, per reservation: its id, its number of lines n, then n skus (same order as its KEYS)
+
+  Output:
+    {expired, skipped}   holds expired (events 'expired' per line) and index entries skipped or dropped
+]]
+--@include common
+
+local expiry, stream = KEYS[1], KEYS[2]
+local now, count = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a, k = 3, 3
+local expired, skipped = 0, 0
+
+for _ = 1, count do
+  local id, n = ARGV[a], tonumber(ARGV[a + 1])
+  local part = KEYS[k]
+  local head = redis.call('HMGET', part, 'st', 'u', 't', 'exp')
+  local st, user, tenant, deadline = head[1], head[2], head[3], num(head[4])
+  if st == 'held' and deadline > 0 and deadline <= now then
+    for i = 1, n do
+      local sku = ARGV[a + 1 + i]
+      local sku_key, user_key = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
+      local line = redis.call('HMGET', part, 'q:' .. sku, 'h:' .. sku)
+      if line[1] and line[2] == '1' then
+        local qty = tonumber(line[1])
+        local s = read_sku(sku_key)
+        local held = redis.call('HINCRBY', sku_key, 'held', -qty)
+        add_user_units(user_key, user, -qty)
+        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now)
+      end
+    end
+    redis.call('HSET', part, 'st', 'expired')
+    redis.call('ZREM', expiry, id)
+    expired = expired + 1
+  elseif st ~= 'held' then
+    redis.call('ZREM', expiry, id)
+    skipped = skipped + 1
+  else
+    skipped = skipped + 1
+  end
+  a = a + 2 + n
+  k = k + 1 + 2 * n
+end
+return {expired, skipped}

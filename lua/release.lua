@@ -1,0 +1,66 @@
+--[[
+  The buyer or checkout cancels: this shard's part of a reservation gives its held units back.
+
+  Idempotent: releasing a released or expired part changes nothing. A confirmed part is refused. With
+  ARGV[4] = 'undo' the part is deleted instead of marked released: that is the compensation for a
+  reservation spanning shards whose reserve failed on a later shard, leaving this shard exactly as it
+  was before the reserve (counters, per-user units, expiry index).
+
+  Input (variable key count: 3 + 2 per line):
+    KEYS[1]     the reservation's part on this shard     sh:{s}:res:<id>
+    KEYS[2]     shard expiry index                       sh:{s}:expiry
+    KEYS[3]     shard event stream                       sh:{s}:events
+    KEYS[2+2i]  line i's SKU hash;  KEYS[3+2i] line i's per-user units hash
+
+    ARGV[1] reservation id
+    ARGV[2] now, ms since the epoch
+    ARGV[3] number of lines n
+    ARGV[4] 'release' or 'undo'
+    ARGV[4+i] line i's sku
+
+  Output:
+    {0, status}    'released' (or 'undone'); events 'released' / 'undone' per line
+    {1, status}    ALREADY: the part was released or expired; nothing changed
+    {-5}           RESERVATION_NOT_FOUND
+    {-7}           RESERVATION_CONFIRMED
+]]
+--@include common
+--@include lines
+
+local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
+local id, now, n, how = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+
+local head = redis.call('HMGET', part, 'st', 'u', 't')
+local st, user, tenant = head[1], head[2], head[3]
+if not st then
+  return {-5}
+end
+if st == 'confirmed' then
+  return {-7}
+end
+if (st == 'released' or st == 'expired') and how ~= 'undo' then
+  return {1, st}
+end
+local lines = read_lines(part, n, 5, 4)
+if not lines then
+  return {-5}
+end
+
+local kind = how == 'undo' and 'undone' or 'released'
+for i = 1, n do
+  local l = lines[i]
+  local s = read_sku(l.sku_key)
+  local held = s.held
+  if st == 'held' and l.held then
+    held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
+    add_user_units(l.user_key, user, -l.qty)
+  end
+  emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now)
+end
+redis.call('ZREM', expiry, id)
+if how == 'undo' then
+  redis.call('DEL', part)
+else
+  redis.call('HSET', part, 'st', 'released')
+end
+return {0, kind}

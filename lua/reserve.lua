@@ -1,0 +1,118 @@
+--[[
+  Reserves every line of one reservation that lives on this shard, all-or-nothing.
+
+  Checks every line first (SKU exists, per-user limit, stock), then applies them all: a refused call
+  changes nothing. A line whose SKU is in mode on_payment holds nothing (it is deducted at confirm);
+  pre_reserve and on_order lines are held. Re-running with an id that already has a part here returns
+  ALREADY and changes nothing, which makes retries after a crash safe.
+
+  Input (variable key count: 3 + 2 per line):
+    KEYS[1]       this reservation's part on the shard   sh:{s}:res:<id>
+    KEYS[2]       shard expiry index                     sh:{s}:expiry
+    KEYS[3]       shard event stream                     sh:{s}:events
+    KEYS[2+2i]    line i's SKU hash                      sh:{s}:sku:<tenant>:<sku>
+    KEYS[3+2i]    line i's per-user units hash           sh:{s}:usr:<tenant>:<sku>
+
+    ARGV[1] reservation id
+    ARGV[2] tenant
+    ARGV[3] user id
+    ARGV[4] now, ms since the epoch
+    ARGV[5] deadline: '' = now + the shortest hold_ttl_seconds of this part's pre_reserve lines (none
+            when it has none); otherwise ms since the epoch, 0 for none (the caller fixed one deadline
+            for a reservation spanning shards)
+    ARGV[6] reservation document (JSON) stored on the home part, '' on the other parts
+    ARGV[7] number of lines n (1..50)
+    ARGV[6+2i] line i's sku;  ARGV[7+2i] line i's quantity (1..1000)
+
+  Output:
+    {0, status, deadline}        status 'held' or 'pending' (every line on_payment); events 'held' /
+                                 'pending' per line; deadline in ms, 0 for none
+    {1, status, deadline}        ALREADY: the part exists (status is its current one)
+    {-1, i}                      SKU_NOT_FOUND: line i
+    {-3, i, limit, units}        LIMIT_EXCEEDED: line i; the user already has `units` of `limit`
+    {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
+]]
+--@include common
+
+local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
+local id, tenant, user, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = tonumber(ARGV[7])
+
+if redis.call('EXISTS', part) == 1 then
+  local st = redis.call('HMGET', part, 'st', 'exp')
+  return {1, st[1], num(st[2])}
+end
+
+-- Pass 1: check every line; nothing is written until all of them pass.
+local lines, short, limit_error = {}, {}, nil
+for i = 1, n do
+  local sku_key, user_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local sku, qty = ARGV[6 + 2 * i], tonumber(ARGV[7 + 2 * i])
+  local s = read_sku(sku_key)
+  if not s then
+    return {-1, i}
+  end
+  if s.limit > 0 and not limit_error then
+    local units = num(redis.call('HGET', user_key, user))
+    if units + qty > s.limit then
+      limit_error = {-3, i, s.limit, units}
+    end
+  end
+  local free = available(s.on_hand, s.safety, s.held, s.sold)
+  if qty > free then
+    short[#short + 1] = i
+    short[#short + 1] = free
+  end
+  lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s}
+end
+if limit_error then
+  return limit_error
+end
+if #short > 0 then
+  table.insert(short, 1, -2)
+  return short
+end
+
+-- Pass 2: apply.
+local status, deadline = 'pending', 0
+for i = 1, n do
+  local l = lines[i]
+  if l.s.mode ~= 'on_payment' then
+    status = 'held'
+    if l.s.mode == 'pre_reserve' then
+      local line_deadline = now + l.s.ttl * 1000
+      if deadline == 0 or line_deadline < deadline then
+        deadline = line_deadline
+      end
+    end
+  end
+end
+if ARGV[5] ~= '' then
+  deadline = tonumber(ARGV[5])
+end
+
+local fields = {'st', status, 'u', user, 't', tenant, 'exp', deadline, 'c', now}
+for i = 1, n do
+  local l = lines[i]
+  local held_line = l.s.mode ~= 'on_payment'
+  fields[#fields + 1] = 'q:' .. l.sku
+  fields[#fields + 1] = l.qty
+  fields[#fields + 1] = 'h:' .. l.sku
+  fields[#fields + 1] = held_line and 1 or 0
+  if held_line then
+    local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
+    add_user_units(l.user_key, user, l.qty)
+    emit(stream, 'held', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now)
+  else
+    emit(stream, 'pending', tenant, l.sku, l.qty, id, user, l.s.on_hand, l.s.held, l.s.sold, now)
+  end
+end
+if ARGV[6] ~= '' then
+  fields[#fields + 1] = 'doc'
+  fields[#fields + 1] = ARGV[6]
+end
+redis.call('HSET', part, unpack(fields))
+if status == 'held' and deadline > 0 then
+  redis.call('ZADD', expiry, deadline, id)
+end
+return {0, status, deadline}

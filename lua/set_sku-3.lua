@@ -1,0 +1,56 @@
+--[[
+  Creates or updates one SKU's stock and settings.
+
+  Refuses (changing nothing) when the new on_hand and safety_stock would leave less than held + sold:
+  invariant 1 (held + sold <= on_hand - safety_stock) must hold after every change.
+
+  Input:
+    KEYS[1] SKU hash                    sh:{s}:sku:<tenant>:<sku>
+    KEYS[2] shard event stream          sh:{s}:events
+    KEYS[3] idempotency record          sh:{s}:idem:<tenant>:<digest> (untouched when ARGV[9] is '')
+
+    ARGV[1] tenant
+    ARGV[2] sku
+    ARGV[3] on_hand, integer >= 0
+    ARGV[4] safety_stock, integer >= 0
+    ARGV[5] mode: pre_reserve | on_order | on_payment
+    ARGV[6] hold_ttl_seconds, 1..86400
+    ARGV[7] per_user_limit, integer >= 1, or 0 for no limit
+    ARGV[8] now, ms since the epoch (caller's clock, as for every script)
+    ARGV[9] idempotency fingerprint, '' when the request carried no Idempotency-Key
+    ARGV[10] idempotency record TTL, seconds
+
+  Output:
+    {1 | 0, on_hand, safety_stock, held, sold, mode, hold_ttl_seconds, per_user_limit}
+        1 when the SKU was created, 0 when updated. Event 'sku_set'.
+    {-4, held, sold}   STOCK_CONFLICT: on_hand - safety_stock would fall below held + sold
+    {-8}               IDEMPOTENCY_CONFLICT: the key was used with another request
+    A replayed key returns the first result unchanged.
+]]
+--@include common
+--@include idempotency
+
+local replay = idem_replay(KEYS[3], ARGV[9])
+if replay then
+  return replay
+end
+
+local on_hand, safety = tonumber(ARGV[3]), tonumber(ARGV[4])
+local current = read_sku(KEYS[1])
+local created, held, sold = 1, 0, 0
+if current then
+  created, held, sold = 0, current.held, current.sold
+end
+
+local result
+if on_hand - safety < held + sold then
+  result = {-4, held, sold}
+else
+  redis.call('HSET', KEYS[1], 'on_hand', on_hand, 'safety_stock', safety, 'held', held, 'sold', sold,
+    'mode', ARGV[5], 'hold_ttl_seconds', ARGV[6], 'per_user_limit', ARGV[7])
+  emit(KEYS[2], 'sku_set', ARGV[1], ARGV[2], on_hand - (current and current.on_hand or 0), '', '',
+    on_hand, held, sold, ARGV[8])
+  result = {created, on_hand, safety, held, sold, ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])}
+end
+idem_store(KEYS[3], ARGV[9], ARGV[10], result)
+return result
