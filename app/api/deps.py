@@ -1,0 +1,42 @@
+"""Dependencies of the routes, as Annotated aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.stock.idempotency import MAX_KEY_LENGTH, IdempotencyStore
+from app.stock.service import StockService
+
+
+def get_service(request: Request) -> StockService:
+    service: StockService = request.app.state.service
+    return service
+
+
+def get_idempotency_store(request: Request) -> IdempotencyStore:
+    store: IdempotencyStore = request.app.state.idempotency
+    return store
+
+
+def get_tenant(request: Request) -> str:
+    # One tenant until API keys arrive; every key, event and reservation already carries it.
+    tenant: str = request.app.state.settings.default_tenant
+    return tenant
+
+
+ServiceDep = Annotated[StockService, Depends(get_service)]
+IdempotencyStoreDep = Annotated[IdempotencyStore, Depends(get_idempotency_store)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retry safely: the same key and body replays the first answer; "
+        "the same key with another body is refused (idempotency_conflict).",
+    ),
+]

@@ -1,0 +1,86 @@
+"""RFC 9457 problem documents: every error stockhold answers has type, title, status, detail and a
+stable machine ``code`` (plus extra fields where useful, e.g. per-item ``available``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.stock import errors
+
+PROBLEM_JSON = "application/problem+json"
+
+STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
+    errors.SkuNotFound: 404,
+    errors.ReservationNotFound: 404,
+    errors.InsufficientStock: 409,
+    errors.LimitExceeded: 409,
+    errors.StockConflict: 409,
+    errors.ReservationReleased: 409,
+    errors.ReservationConfirmed: 409,
+    # The IETF Idempotency-Key draft: a key reused with another payload is 422.
+    errors.IdempotencyConflict: 422,
+    errors.NotReady: 503,
+}
+
+_HTTP_CODES = {
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None, **extra: Any) -> Response:
+    body: dict[str, Any] = {
+        "type": f"urn:stockhold:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON)
+
+
+def from_stock_error(exc: errors.StockError, instance: str | None = None) -> Response:
+    return problem(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.title, exc.detail, instance, **exc.extra)
+
+
+def validation_problem(
+    detail: str, instance: str | None = None, errors_: list[dict[str, Any]] | None = None
+) -> Response:
+    extra = {"errors": errors_} if errors_ is not None else {}
+    return problem(422, "validation_error", "Request is not valid", detail, instance, **extra)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.StockError)
+    async def _stock_error(request: Request, exc: errors.StockError) -> Response:
+        return from_stock_error(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        raw = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in raw):
+            return problem(
+                400, "malformed_json", "Malformed JSON", "the request body is not valid JSON", request.url.path
+            )
+        cleaned = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in raw
+        ]
+        detail = "; ".join(f"{'.'.join(e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in cleaned)
+        return validation_problem(detail, request.url.path, cleaned)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+        return problem(exc.status_code, code, title, str(exc.detail), request.url.path)

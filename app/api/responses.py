@@ -1,0 +1,40 @@
+"""Response helpers shared by the routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from app.api.problems import PROBLEM_JSON
+
+
+def json_response(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def stored_response(status: int, body: bytes) -> Response:
+    return Response(body, status_code=status, media_type=PROBLEM_JSON if status >= 400 else "application/json")
+
+
+def problem_schema(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            PROBLEM_JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["type", "title", "status", "detail", "code"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "code": {"type": "string"},
+                        "instance": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }

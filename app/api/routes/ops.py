@@ -1,0 +1,45 @@
+"""Operations: liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from app.api.problems import problem
+
+router = APIRouter(tags=["operations"])
+_CHECK_TIMEOUT_SECONDS = 1.0
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Redis and PostgreSQL answer and the scripts are loaded")
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(state.redis.ping(), _CHECK_TIMEOUT_SECONDS)
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"failed: {type(exc).__name__}"
+    try:
+        await asyncio.wait_for(state.pg.fetchval("SELECT 1"), _CHECK_TIMEOUT_SECONDS)
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"failed: {type(exc).__name__}"
+    checks["sweeper"] = "ok" if state.sweeper_task is not None and not state.sweeper_task.done() else "stopped"
+    if all(v == "ok" for v in checks.values()):
+        return Response(b'{"status":"ready","checks":' + _json(checks) + b"}", media_type="application/json")
+    failing = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
+    return problem(503, "not_ready", "Service not ready", f"not ready: {failing}", request.url.path, checks=checks)
+
+
+def _json(value: dict[str, str]) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)

@@ -1,0 +1,115 @@
+"""Checkout routes: reserve, read, confirm (payment arrived), release (cancel)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import Response
+
+from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, ServiceDep, TenantDep
+from app.api.idempotent import run_idempotent
+from app.api.responses import json_response, problem_schema
+from app.stock.reservation_ids import new_reservation_id
+from app.stock.schemas import Reservation, ReservationRequest
+
+router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
+ReservationPath = Annotated[
+    str, Path(pattern=r"^rsv_[0-9]{1,5}_[a-z2-7]{16}$", description="Reservation id as returned by POST")
+]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Reservation,
+    summary="Reserve stock, all-or-nothing",
+    responses={
+        404: problem_schema("sku_not_found"),
+        409: problem_schema("insufficient_stock (with per-item available) / limit_exceeded"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+        503: problem_schema("not_ready"),
+    },
+)
+async def create_reservation(
+    body: ReservationRequest,
+    request: Request,
+    service: ServiceDep,
+    store: IdempotencyStoreDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    async def reserve(reservation_id: str) -> Response:
+        return json_response(await service.reserve(tenant, body, reservation_id), 201)
+
+    home = service.keys.shard_of(tenant, body.items[0].sku)
+    return await run_idempotent(
+        store,
+        tenant,
+        idempotency_key,
+        "POST /v1/reservations",
+        body.model_dump(mode="json"),
+        new_reservation_id(home),
+        request.url.path,
+        reserve,
+    )
+
+
+@router.get(
+    "/{reservation_id}",
+    response_model=Reservation,
+    summary="Read a reservation",
+    responses={404: problem_schema("reservation_not_found")},
+)
+async def get_reservation(reservation_id: ReservationPath, service: ServiceDep, tenant: TenantDep) -> Response:
+    return json_response(await service.get_reservation(tenant, reservation_id))
+
+
+@router.post(
+    "/{reservation_id}/confirm",
+    response_model=Reservation,
+    summary="Payment arrived: confirm the sale",
+    responses={
+        404: problem_schema("reservation_not_found"),
+        409: problem_schema("insufficient_stock (expired or pending, stock gone) / reservation_released"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def confirm_reservation(
+    reservation_id: ReservationPath,
+    request: Request,
+    service: ServiceDep,
+    store: IdempotencyStoreDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    async def confirm(_: str) -> Response:
+        return json_response(await service.confirm(tenant, reservation_id))
+
+    scope = f"POST {request.url.path}"
+    return await run_idempotent(store, tenant, idempotency_key, scope, None, reservation_id, request.url.path, confirm)
+
+
+@router.post(
+    "/{reservation_id}/release",
+    response_model=Reservation,
+    summary="Cancel: give the held stock back",
+    responses={
+        404: problem_schema("reservation_not_found"),
+        409: problem_schema("reservation_confirmed"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def release_reservation(
+    reservation_id: ReservationPath,
+    request: Request,
+    service: ServiceDep,
+    store: IdempotencyStoreDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    async def release(_: str) -> Response:
+        return json_response(await service.release(tenant, reservation_id))
+
+    scope = f"POST {request.url.path}"
+    return await run_idempotent(store, tenant, idempotency_key, scope, None, reservation_id, request.url.path, release)

@@ -1,0 +1,77 @@
+"""Catalogue routes (admin scope): create/update a SKU, adjust its stock, read its state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import Response
+
+from app.api.deps import IdempotencyKeyHeader, ServiceDep, TenantDep
+from app.api.responses import json_response, problem_schema
+from app.stock.idempotency import IdempotencyRequest, fingerprint
+from app.stock.schemas import SKU_PATTERN, Adjustment, SkuSettings, SkuState
+
+router = APIRouter(prefix="/v1/skus", tags=["catalogue"])
+SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="SKU id: 1-64 of A-Z a-z 0-9 . _ -")]
+
+
+def _idempotency(key: str | None, request: Request, body: SkuSettings | Adjustment) -> IdempotencyRequest | None:
+    if key is None:
+        return None
+    scope = f"{request.method} {request.url.path}"
+    return IdempotencyRequest(key=key, scope=scope, fingerprint=fingerprint(scope, body.model_dump(mode="json")))
+
+
+@router.put(
+    "/{sku}",
+    response_model=SkuState,
+    summary="Create or update a SKU",
+    responses={
+        201: {"model": SkuState, "description": "Created"},
+        409: problem_schema("stock_conflict: on_hand - safety_stock below held + sold"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def put_sku(
+    sku: SkuPath,
+    body: SkuSettings,
+    request: Request,
+    service: ServiceDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    state, created = await service.put_sku(tenant, sku, body, _idempotency(idempotency_key, request, body))
+    return json_response(state, 201 if created else 200)
+
+
+@router.post(
+    "/{sku}/adjustments",
+    response_model=SkuState,
+    summary="Restock or shrink on_hand by a delta",
+    responses={
+        404: problem_schema("sku_not_found"),
+        409: problem_schema("stock_conflict: the shrink goes below held + sold"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def adjust_stock(
+    sku: SkuPath,
+    body: Adjustment,
+    request: Request,
+    service: ServiceDep,
+    tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    state = await service.adjust(tenant, sku, body, _idempotency(idempotency_key, request, body))
+    return json_response(state)
+
+
+@router.get(
+    "/{sku}",
+    response_model=SkuState,
+    summary="Read a SKU's stock",
+    responses={404: problem_schema("sku_not_found")},
+)
+async def get_sku(sku: SkuPath, service: ServiceDep, tenant: TenantDep) -> Response:
+    return json_response(await service.get_sku(tenant, sku))

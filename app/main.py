@@ -1,0 +1,72 @@
+"""Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
+scripts and starts the expiry sweeper; routes stay thin and translate domain errors to problem+json."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.body_guard import BodyGuard
+from app.api.problems import install_problem_handlers
+from app.api.routes import ops, reservations, skus
+from app.config import Settings, get_settings
+from app.stock.idempotency import IdempotencyStore
+from app.stock.keys import KeySpace
+from app.stock.service import StockService
+from app.stock.sweeper import ExpirySweeper
+from app.store.postgres import apply_migrations, create_pool
+from app.store.redis import connect_redis
+from app.store.scripts import Scripts
+
+log = logging.getLogger("stockhold")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if not settings.redis_url or not settings.database_url:
+        raise RuntimeError("REDIS_URL and DATABASE_URL must be set (`stockhold serve` starts embedded servers)")
+    redis = connect_redis(settings.redis_url)
+    pg = await create_pool(settings.database_url)
+    try:
+        await apply_migrations(pg)
+        scripts = Scripts(redis)
+        await scripts.load()
+        keys = KeySpace(settings.shard_count)
+        sweeper = ExpirySweeper(redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch)
+        stop = asyncio.Event()
+        app.state.redis, app.state.pg, app.state.scripts = redis, pg, scripts
+        app.state.service = StockService(redis, scripts, keys, settings.idempotency_ttl_seconds)
+        app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
+        app.state.sweeper = sweeper
+        app.state.sweeper_task = asyncio.create_task(sweeper.run(stop), name="expiry-sweeper")
+        try:
+            yield
+        finally:
+            stop.set()
+            await app.state.sweeper_task
+    finally:
+        await redis.aclose()
+        await pg.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="stockhold",
+        version="0.1.0",
+        summary="Stock reservations that never oversell: atomic Redis holds, PostgreSQL system of record.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.sweeper_task = None
+    install_problem_handlers(app)
+    app.include_router(skus.router)
+    app.include_router(reservations.router)
+    app.include_router(ops.router)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,84 @@
+"""The expiry sweeper: pre_reserve holds past their deadline stop counting with no client involved.
+
+Every tick it asks every shard's expiry index for due reservation ids (one pipeline for all shards),
+reads those parts' lines (one pipeline), then calls expire_holds.lua once per shard with due holds. The
+script re-checks every part atomically, so several replicas sweeping at once, or a confirm racing the
+sweep, never return units twice. Batches are bounded (STOCKHOLD_SWEEP_BATCH) so one call never blocks
+Redis for long; a shard with more due holds is swept again at once rather than waiting a tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.stock.clock import now_ms
+from app.stock.keys import KeySpace
+from app.store.scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+
+class ExpirySweeper:
+    def __init__(self, redis: Redis, scripts: Scripts, keys: KeySpace, interval_ms: int, batch: int) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.keys = keys
+        self.interval = interval_ms / 1000
+        self.batch = batch
+        self.expired_total = 0
+        self.runs = 0
+
+    async def sweep_once(self, now: int | None = None) -> int:
+        """One pass over every shard; returns the number of holds expired."""
+        now = now_ms() if now is None else now
+        expired = 0
+        shards = list(self.keys.all_shards())
+        while shards:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.zrangebyscore(self.keys.expiry(shard), "-inf", now, start=0, num=self.batch)
+                due_per_shard: list[list[str]] = await pipe.execute()
+            due = {shard: ids for shard, ids in zip(shards, due_per_shard, strict=True) if ids}
+            if not due:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard, ids in due.items():
+                    for rid in ids:
+                        pipe.hgetall(self.keys.reservation(shard, rid))
+                parts = iter(await pipe.execute())
+            for shard, ids in due.items():
+                reply = await self._expire(shard, ids, [next(parts) for _ in ids], now)
+                expired += int(reply[0])
+            # Shards that filled a whole batch may have more due holds: go again for those only.
+            shards = [shard for shard, ids in due.items() if len(ids) == self.batch]
+        self.runs += 1
+        self.expired_total += expired
+        return expired
+
+    async def _expire(self, shard: int, ids: list[str], parts: list[dict[str, str]], now: int) -> Any:
+        keys = [self.keys.expiry(shard), self.keys.events(shard)]
+        args: list[Any] = [now, len(ids)]
+        for rid, part in zip(ids, parts, strict=True):
+            tenant = part.get("t", "")
+            skus = [field[2:] for field in part if field.startswith("q:")]
+            keys.append(self.keys.reservation(shard, rid))
+            for sku in skus:
+                keys.append(self.keys.sku(shard, tenant, sku))
+                keys.append(self.keys.user_counts(shard, tenant, sku))
+            args += [rid, len(skus), *skus]
+        return await self.scripts.call("expire_holds", keys, args)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sweeps every `interval` until `stop` is set; a failing tick is logged and retried next tick."""
+        while not stop.is_set():
+            try:
+                await self.sweep_once()
+            except Exception:  # keep sweeping: a Redis blip must not end expiry for the process's life
+                log.exception("expiry sweep failed; retrying next tick")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval)
