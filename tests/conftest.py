@@ -1,0 +1,113 @@
+"""Real servers for the whole suite: TEST_REDIS_URL / TEST_DATABASE_URL when set, otherwise embedded
+valkey-server and PostgreSQL started once per session under pytest's temporary directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from app.config import Settings
+from app.main import create_app
+from app.stock.idempotency import IdempotencyStore
+from app.stock.keys import KeySpace
+from app.stock.service import StockService
+from app.stock.sweeper import ExpirySweeper
+from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.store.redis import connect_redis
+from app.store.scripts import Scripts
+
+TENANT = "default"
+SHARDS = 16
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis_url: str
+    database_url: str
+    embedded_redis: EmbeddedRedis | None
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    with ExitStack() as stack:
+        redis_url = os.environ.get("TEST_REDIS_URL")
+        embedded_redis = None
+        if not redis_url:
+            embedded_redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+            redis_url = embedded_redis.start()
+            stack.callback(embedded_redis.stop)
+        database_url = os.environ.get("TEST_DATABASE_URL")
+        if not database_url:
+            pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+            database_url = pg.start()
+            stack.callback(pg.stop)
+        yield Servers(redis_url, database_url, embedded_redis)
+
+
+@pytest.fixture(scope="session")
+def settings(servers: Servers) -> Settings:
+    return Settings(
+        REDIS_URL=servers.redis_url,
+        DATABASE_URL=servers.database_url,
+        STOCKHOLD_SHARDS=SHARDS,
+        STOCKHOLD_SWEEP_INTERVAL_MS=100,
+    )
+
+
+@pytest_asyncio.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    assert settings.redis_url
+    client = connect_redis(settings.redis_url, pool_size=256)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def scripts(redis: Redis) -> Scripts:
+    loaded = Scripts(redis)
+    await loaded.load()
+    return loaded
+
+
+@pytest.fixture
+def keys() -> KeySpace:
+    return KeySpace(SHARDS)
+
+
+@pytest.fixture
+def service(redis: Redis, scripts: Scripts, keys: KeySpace) -> StockService:
+    return StockService(redis, scripts, keys, idempotency_ttl_seconds=3600)
+
+
+@pytest.fixture
+def idempotency(redis: Redis, scripts: Scripts, keys: KeySpace) -> IdempotencyStore:
+    return IdempotencyStore(redis, scripts, keys, ttl_seconds=3600)
+
+
+@pytest.fixture
+def sweeper(redis: Redis, scripts: Scripts, keys: KeySpace) -> ExpirySweeper:
+    return ExpirySweeper(redis, scripts, keys, interval_ms=100, batch=50)
+
+
+@pytest_asyncio.fixture
+async def app(settings: Settings, redis: Redis) -> AsyncIterator[FastAPI]:
+    """The real app with its lifespan (migrations, scripts, sweeper) on a flushed Redis."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest_asyncio.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://stockhold.test") as http:
+        yield http
