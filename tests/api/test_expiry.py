@@ -68,10 +68,7 @@ async def test_release_after_expiry_is_idempotent(client: httpx.AsyncClient) -> 
     assert (await sku_state(client, "late-release"))["available"] == 1
 
 
-async def _wait_for_status(client: httpx.AsyncClient, rid: str, status: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (await client.get(f"/v1/reservations/{rid}")).json()["status"] == status:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"reservation {rid} not {status} after {timeout}s")
+async def _wait_for_status(client: httpx.AsyncClient, rid: str, status: str) -> None:
+    async with asyncio.timeout(5.0):
+        while (await client.get(f"/v1/reservations/{rid}")).json()["status"] != status:
+            await asyncio.sleep(0.1)
