@@ -4,9 +4,12 @@ valkey-server and PostgreSQL started once per session under pytest's temporary d
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,18 +38,28 @@ class Servers:
     embedded_redis: EmbeddedRedis | None
 
 
+def embedded_data_dir(stack: ExitStack) -> Path:
+    """A private directory for embedded servers, removed at the end. Not under pytest's tmp_path: pytest
+    resets /tmp/pytest-of-<user> to mode 0700 whenever another session starts, which would lock the
+    embedded PostgreSQL (run as its own system user under root) out of its data directory."""
+    base = Path(tempfile.mkdtemp(prefix="stockhold-test-"))
+    stack.callback(shutil.rmtree, base, ignore_errors=True)
+    return base
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     with ExitStack() as stack:
+        base = embedded_data_dir(stack)
         redis_url = os.environ.get("TEST_REDIS_URL")
         embedded_redis = None
         if not redis_url:
-            embedded_redis = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+            embedded_redis = EmbeddedRedis(base / "redis")
             redis_url = embedded_redis.start()
             stack.callback(embedded_redis.stop)
         database_url = os.environ.get("TEST_DATABASE_URL")
         if not database_url:
-            pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+            pg = EmbeddedPostgres(base / "postgres")
             database_url = pg.start()
             stack.callback(pg.stop)
         yield Servers(redis_url, database_url, embedded_redis)

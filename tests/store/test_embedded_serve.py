@@ -1,0 +1,69 @@
+"""`stockhold serve` with no REDIS_URL / DATABASE_URL starts embedded servers under its data directory,
+serves, and stops them cleanly on Ctrl-C (SIGINT) — the `make run` experience."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.api.conftest import _free_port
+from tests.conftest import embedded_data_dir
+
+
+def _server_processes_under(data: Path) -> list[psutil.Process]:
+    """valkey-server and postgres processes whose command line names `data` (ours, not the machine's)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        name, cmd = proc.info["name"] or "", " ".join(proc.info["cmdline"] or [])
+        if name.startswith(("valkey-server", "postgres")) and str(data) in cmd:
+            found.append(proc)
+    return found
+
+
+def test_serve_starts_embedded_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        _serve_and_interrupt(embedded_data_dir(stack) / "data", tmp_path)
+
+
+def _serve_and_interrupt(data: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env["STOCKHOLD_DATA_DIR"] = str(data)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, stdout=log, stderr=log
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.25)
+            else:
+                raise AssertionError(f"not ready in 60 s:\n{log_path.read_text()}")
+            put = httpx.put(f"http://127.0.0.1:{port}/v1/skus/tea", json={"on_hand": 2})
+            assert put.status_code == 201
+            # the servers' files are under the data directory
+            assert (data / "redis").is_dir()
+            assert (data / "postgres" / "PG_VERSION").is_file()
+            ours = _server_processes_under(data)
+            assert {p.info["name"].split()[0] for p in ours} >= {"valkey-server", "postgres"}, ours
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=30)
+    assert code == 0, log_path.read_text()
+    gone = psutil.wait_procs(ours, timeout=10)[1]
+    assert gone == [], f"left running: {[p.pid for p in gone]}"
