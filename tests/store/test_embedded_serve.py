@@ -23,7 +23,13 @@ def _server_processes_under(data: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         name, cmd = proc.info["name"] or "", " ".join(proc.info["cmdline"] or [])
-        if name.startswith(("valkey-server", "postgres")) and str(data) in cmd:
+        if not name.startswith(("valkey-server", "postgres")):
+            continue
+        try:
+            cwd = proc.cwd()  # valkey-server rewrites its title but runs in its data directory
+        except psutil.Error:
+            cwd = ""
+        if str(data) in cmd or cwd.startswith(str(data)):
             found.append(proc)
     return found
 
