@@ -31,6 +31,8 @@
     {-1, i}                      SKU_NOT_FOUND: line i
     {-3, i, limit, units}        LIMIT_EXCEEDED: line i; the user already has `units` of `limit`
     {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
+    {-9, i}                      DUPLICATE_LINE: line i names a SKU an earlier line named (lines must be
+                                 distinct; the API refuses such requests before they get here)
 ]]
 --@include common
 
@@ -44,10 +46,14 @@ if redis.call('EXISTS', part) == 1 then
 end
 
 -- Pass 1: check every line; nothing is written until all of them pass.
-local lines, short, limit_error = {}, {}, nil
+local lines, short, limit_error, seen = {}, {}, nil, {}
 for i = 1, n do
   local sku_key, user_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local sku, qty = ARGV[6 + 2 * i], tonumber(ARGV[7 + 2 * i])
+  if seen[sku] then
+    return {-9, i}
+  end
+  seen[sku] = true
   local s = read_sku(sku_key)
   if not s then
     return {-1, i}
@@ -91,7 +97,7 @@ if ARGV[5] ~= '' then
   deadline = tonumber(ARGV[5])
 end
 
-local fields = {'st', status, 'u', user, 't', tenant, 'exp', deadline, 'c', now}
+local fields = {'st', status, 'u', user, 't', tenant, 'exp', deadline, 'c', now, 'n', n}
 for i = 1, n do
   local l = lines[i]
   local held_line = l.s.mode ~= 'on_payment'

@@ -18,6 +18,7 @@ class ScriptCode(IntEnum):
     RESERVATION_RELEASED = -6
     RESERVATION_CONFIRMED = -7
     IDEMPOTENCY_CONFLICT = -8
+    DUPLICATE_LINE = -9  # a caller bug (the API refuses duplicated SKUs): surfaces as an unexpected reply
 
 
 class StockError(Exception):

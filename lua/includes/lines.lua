@@ -1,9 +1,14 @@
 --[[
   Reads the lines of one reservation part. The caller passes each line's SKU in ARGV (starting at
   `first_argv`) and the SKU's hash and per-user hash in KEYS (starting at `first_key`), in the same order.
-  Returns nil when a named SKU is not a line of this part (the caller's view is stale).
+  Returns nil when the caller's view is stale: a named SKU is not a line of this part, or the caller
+  named fewer lines than the part has (acting on some lines while changing the whole part's status
+  would strand the others' units).
 ]]
 local function read_lines(part, n, first_argv, first_key)
+  if tonumber(redis.call('HGET', part, 'n')) ~= n then
+    return nil
+  end
   local lines = {}
   for i = 1, n do
     local sku = ARGV[first_argv + i - 1]
