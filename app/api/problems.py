@@ -82,5 +82,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI raises a bare 400 when the body cannot even be decoded (not UTF-8, nested too deep)
+            detail = "the request body is not valid JSON"
+            return problem(400, "malformed_json", "Malformed JSON", detail, request.url.path)
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         return problem(exc.status_code, code, title, str(exc.detail), request.url.path)

@@ -169,7 +169,18 @@ class StockService:
                 "shards": [p.shard for p in parts],
             }
         ).decode()
-        deadline_arg = "" if len(parts) == 1 else str(await self._shared_deadline(tenant, request.items, now))
+        deadline_arg = ""
+        if len(parts) > 1:
+            if reservation_id is not None:
+                # An idempotent retry: if an earlier attempt already reserved the home part, keep its
+                # deadline, and add no parts to a reservation that is no longer live.
+                st, exp = await self.redis.hmget(self.keys.reservation(parts[0].shard, rid), ["st", "exp"])
+                if st is not None and st not in (ReservationStatus.HELD, ReservationStatus.PENDING):
+                    return await self.get_reservation(tenant, rid)
+                if st is not None:
+                    deadline_arg = str(exp)
+            if not deadline_arg:
+                deadline_arg = str(await self._shared_deadline(tenant, request.items, now))
 
         done: list[_Part] = []
         statuses: list[str] = []
@@ -192,6 +203,11 @@ class StockService:
             statuses.append(reply[1])
             deadline = int(reply[2])
         if already:
+            if len(parts) > 1 and not await self.redis.exists(self.keys.reservation(parts[0].shard, rid)):
+                # A concurrent attempt with the same Idempotency-Key was refused and undid the home part
+                # while this one was adding parts: undo ours too rather than leave parts without a home.
+                await self._undo(tenant, rid, done, now)
+                raise ReservationNotFound(f"reservation {rid!r} was refused by a concurrent attempt; retry")
             return await self.get_reservation(tenant, rid)
         return Reservation(
             id=rid,
