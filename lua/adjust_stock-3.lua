@@ -39,9 +39,8 @@ elseif s.on_hand + delta - s.safety < s.held + s.sold then
   result = {-4, s.held, s.sold}
 else
   local on_hand = redis.call('HINCRBY', KEYS[1], 'on_hand', delta)
-  redis.call('XADD', KEYS[2], '*', 'type', 'adjusted', 'tenant', ARGV[1], 'sku', ARGV[2], 'qty', delta,
-    'res', '', 'user', '', 'on_hand', on_hand, 'held', s.held, 'sold', s.sold, 'at', ARGV[4],
-    'reason', ARGV[5])
+  emit(KEYS[2], 'adjusted', ARGV[1], ARGV[2], delta, '', '', on_hand, s.held, s.sold, ARGV[4],
+    {'reason', ARGV[5]})
   result = {0, on_hand, s.safety, s.held, s.sold, s.mode, s.ttl, s.limit}
 end
 idem_store(KEYS[3], ARGV[6], ARGV[7], result)

@@ -1,5 +1,7 @@
 --[[
-  The sweeper's step: expires a batch of this shard's due pre_reserve holds, returning their units.
+  The sweeper's step: expires a batch of this shard's due reservation parts, returning their held
+  units. A part is due when its deadline has passed and it is still held, or pending (a part with only
+  on_payment lines, holding nothing, of a reservation spanning shards that has a deadline).
 
   The caller picks due ids from the expiry index and reads their lines; this script re-checks each
   part under the script's atomicity (still held, deadline passed) so a hold confirmed or released in
@@ -16,7 +18,8 @@
     then, per reservation: its id, its number of lines n, then n skus (same order as its KEYS)
 
   Output:
-    {expired, skipped}   holds expired (events 'expired' per line) and index entries skipped or dropped
+    {expired, skipped}   parts expired (events 'expired' per held line, 'lapsed' per line that held
+                         nothing) and index entries skipped or dropped
 ]]
 --@include common
 
@@ -28,25 +31,31 @@ local expired, skipped = 0, 0
 for _ = 1, count do
   local id, n = ARGV[a], tonumber(ARGV[a + 1])
   local part = KEYS[k]
-  local head = redis.call('HMGET', part, 'st', 'u', 't', 'exp')
+  local head = redis.call('HMGET', part, 'st', 'u', 't', 'exp', 'n')
   local st, user, tenant, deadline = head[1], head[2], head[3], num(head[4])
-  if st == 'held' and deadline > 0 and deadline <= now then
+  local live = st == 'held' or st == 'pending'
+  if live and num(head[5]) ~= n then
+    -- the caller's view of this part is stale: leave it for the next sweep, which reads it afresh
+    skipped = skipped + 1
+  elseif live and deadline > 0 and deadline <= now then
     for i = 1, n do
       local sku = ARGV[a + 1 + i]
       local sku_key, user_key = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
       local line = redis.call('HMGET', part, 'q:' .. sku, 'h:' .. sku)
-      if line[1] and line[2] == '1' then
-        local qty = tonumber(line[1])
-        local s = read_sku(sku_key)
+      local qty = tonumber(line[1])
+      local s = read_sku(sku_key)
+      if st == 'held' and line[2] == '1' then
         local held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
         emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now)
+      else
+        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now)
       end
     end
     redis.call('HSET', part, 'st', 'expired')
     redis.call('ZREM', expiry, id)
     expired = expired + 1
-  elseif st ~= 'held' then
+  elseif not live then
     redis.call('ZREM', expiry, id)
     skipped = skipped + 1
   else

@@ -19,7 +19,8 @@
     ARGV[4+i] line i's sku
 
   Output:
-    {0, status}    'released' (or 'undone'); events 'released' / 'undone' per line
+    {0, status}    'released' (or 'undone'); events 'released' / 'undone' per held line, 'cancelled'
+                   per line that held nothing
     {1, status}    ALREADY: the part was released or expired; nothing changed
     {-5}           RESERVATION_NOT_FOUND
     {-7}           RESERVATION_CONFIRMED
@@ -50,12 +51,14 @@ local kind = how == 'undo' and 'undone' or 'released'
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
-  local held = s.held
   if st == 'held' and l.held then
-    held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
+    local held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
     add_user_units(l.user_key, user, -l.qty)
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now)
+  else
+    -- the line held nothing (on_payment, or the part was pending or expired): no counter moves
+    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now)
   end
-  emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now)
 end
 redis.call('ZREM', expiry, id)
 if how == 'undo' then

@@ -17,9 +17,10 @@
     ARGV[2] tenant
     ARGV[3] user id
     ARGV[4] now, ms since the epoch
-    ARGV[5] deadline: '' = now + the shortest hold_ttl_seconds of this part's pre_reserve lines (none
-            when it has none); otherwise ms since the epoch, 0 for none (the caller fixed one deadline
-            for a reservation spanning shards)
+    ARGV[5] shared deadline: '' for none. A reservation spanning shards passes the deadline it computed
+            for all its parts (ms since the epoch, 0 = none); the part takes the earlier of it and its
+            own (now + the shortest hold_ttl_seconds of its pre_reserve lines), so a SKU switched to
+            pre_reserve since the caller read it still gets a deadline
     ARGV[6] reservation document (JSON) stored on the home part, '' on the other parts
     ARGV[7] number of lines n (1..50)
     ARGV[6+2i] line i's sku;  ARGV[7+2i] line i's quantity (1..1000)
@@ -93,8 +94,9 @@ for i = 1, n do
     end
   end
 end
-if ARGV[5] ~= '' then
-  deadline = tonumber(ARGV[5])
+local shared = tonumber(ARGV[5]) or 0
+if shared > 0 and (deadline == 0 or shared < deadline) then
+  deadline = shared
 end
 
 local fields = {'st', status, 'u', user, 't', tenant, 'exp', deadline, 'c', now, 'n', n}
@@ -108,7 +110,7 @@ for i = 1, n do
   if held_line then
     local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
     add_user_units(l.user_key, user, l.qty)
-    emit(stream, 'held', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now)
+    emit(stream, 'held', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now, {'exp', deadline})
   else
     emit(stream, 'pending', tenant, l.sku, l.qty, id, user, l.s.on_hand, l.s.held, l.s.sold, now)
   end
@@ -118,7 +120,9 @@ if ARGV[6] ~= '' then
   fields[#fields + 1] = ARGV[6]
 end
 redis.call('HSET', part, unpack(fields))
-if status == 'held' and deadline > 0 then
+if deadline > 0 then
+  -- a pending part (only on_payment lines) of a reservation that has a deadline expires with it,
+  -- so the whole reservation is expired at once: releasing it then changes nothing anywhere
   redis.call('ZADD', expiry, deadline, id)
 end
 return {0, status, deadline}

@@ -10,7 +10,8 @@
     ARGV[1] reservation id; ARGV[2] now (ms); ARGV[3] number of lines n; ARGV[3+i] line i's sku
 
   Output:
-    {0, status}     the restored status; events 'unconfirmed' per line
+    {0, status}     the restored status; events 'unconfirmed' (back to held) or 'unsold' (a direct
+                    deduction returned) per line
     {1, status}     nothing to revert (the part is not confirmed)
     {-5}            RESERVATION_NOT_FOUND
 ]]
@@ -36,15 +37,14 @@ end
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
-  local held, sold
-  sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
+  local sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
   if how == 'h' and l.held then
-    held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
+    local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
+    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now)
   else
-    held = s.held
     add_user_units(l.user_key, user, -l.qty)
+    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now)
   end
-  emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now)
 end
 redis.call('HSET', part, 'st', previous)
 redis.call('HDEL', part, 'pst', 'cf')

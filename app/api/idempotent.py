@@ -1,8 +1,8 @@
 """Runs a multi-call operation (reserve, confirm, release) under an Idempotency-Key claim.
 
 See app/stock/idempotency.py for the contract. Domain refusals (4xx) are stored and replayed like
-successes; 'not ready' (503) and unexpected failures are not stored, so a retry runs the operation again
-with the same reference, which the scripts make safe.
+successes; transient answers (503 not_ready, 409 reservation_busy) and unexpected failures are not
+stored, so a retry runs the operation again with the same reference, which the scripts make safe.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from app.api.problems import from_stock_error
 from app.api.responses import stored_response
-from app.stock.errors import NotReady, StockError
+from app.stock.errors import NotReady, ReservationBusy, StockError
 from app.stock.idempotency import ClaimState, IdempotencyRequest, IdempotencyStore, fingerprint
 
 
@@ -22,21 +22,23 @@ async def run_idempotent(
     tenant: str,
     key: str | None,
     scope: str,
-    body: object,
+    body: Callable[[], object],
     ref: str,
     instance: str,
-    operation: Callable[[str], Awaitable[Response]],
+    operation: Callable[[str, bool], Awaitable[Response]],
 ) -> Response:
+    """Runs ``operation(ref, retry)``; ``retry`` is true when an earlier attempt with this key claimed
+    the same ref and may have done part of the work. ``body`` is called only when a key was sent."""
     if key is None:
-        return await operation(ref)
-    request = IdempotencyRequest(key=key, scope=scope, fingerprint=fingerprint(scope, body))
+        return await operation(ref, False)
+    request = IdempotencyRequest(key=key, scope=scope, fingerprint=fingerprint(scope, body()))
     claim = await store.claim(tenant, request, ref)
     if claim.state == ClaimState.ANSWERED:
         return stored_response(claim.status, claim.body)
     try:
-        response = await operation(claim.ref)
-    except NotReady:
-        raise
+        response = await operation(claim.ref, claim.state == ClaimState.RETRY)
+    except (NotReady, ReservationBusy):
+        raise  # transient: not the request's answer, so not stored
     except StockError as exc:
         response = from_stock_error(exc, instance)
     await store.store(tenant, request, response.status_code, bytes(response.body))

@@ -3,17 +3,21 @@ stable machine ``code`` (plus extra fields where useful, e.g. per-item ``availab
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.stock import errors
 
 PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.SkuNotFound: 404,
@@ -25,6 +29,7 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.ReservationConfirmed: 409,
     # The IETF Idempotency-Key draft: a key reused with another payload is 422.
     errors.IdempotencyConflict: 422,
+    errors.ReservationBusy: 409,
     errors.NotReady: 503,
 }
 
@@ -65,6 +70,21 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.StockError)
     async def _stock_error(request: Request, exc: errors.StockError) -> Response:
         return from_stock_error(exc, request.url.path)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> Response:
+        log.warning("Redis unavailable: %r", exc)
+        response = problem(
+            503, "not_ready", "Service not ready", "the stock store is unavailable; retry shortly", request.url.path
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "internal_error", "Internal error", "an unexpected error occurred", request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -71,6 +71,11 @@ class IdempotencyConflict(StockError):
     title = "Idempotency-Key reused with another request"
 
 
+class ReservationBusy(StockError):
+    code = "reservation_busy"
+    title = "Reservation busy"
+
+
 class NotReady(StockError):
     code = "not_ready"
     title = "Service not ready"

@@ -64,9 +64,8 @@ class IdempotencyStore:
         self._keys = keys
         self.ttl_seconds = ttl_seconds
 
-    def record_key(self, tenant: str, req: IdempotencyRequest, shard: int | None = None) -> str:
-        if shard is None:
-            shard = self._keys.shard_of_idempotency(tenant, req.scope, req.key)
+    def record_key(self, tenant: str, req: IdempotencyRequest) -> str:
+        shard = self._keys.shard_of_idempotency(tenant, req.scope, req.key)
         return self._keys.idempotency(shard, tenant, req.scope, req.key)
 
     async def claim(self, tenant: str, req: IdempotencyRequest, ref: str) -> Claim:
@@ -83,4 +82,8 @@ class IdempotencyStore:
 
     async def store(self, tenant: str, req: IdempotencyRequest, status: int, body: bytes) -> None:
         answer = orjson.dumps({"status": status, "body": body.decode()})
-        await self._redis.hset(self.record_key(tenant, req), "ans", answer)
+        key = self.record_key(tenant, req)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "ans", answer)
+            pipe.expire(key, self.ttl_seconds)  # never leave a record without its TTL
+            await pipe.execute()

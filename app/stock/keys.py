@@ -12,6 +12,7 @@ Layout (``s`` = shard number)::
     sh:{s}:expiry                 ZSET  reservation_id -> deadline (ms) of live pre_reserve holds
     sh:{s}:events                 STREAM every stock change, XADDed by the script that made it
     sh:{s}:idem:<tenant>:<digest> HASH  an Idempotency-Key's fingerprint and first answer
+    sh:{s}:lease:<reservation_id> STRING who is operating on a reservation spanning shards (on its home shard)
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class KeySpace:
         # Hash the client's key: it may be long or contain anything; the digest keeps key names bounded.
         digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()[:32]
         return f"{self._tag(shard)}:idem:{tenant}:{digest}"
+
+    def lease(self, shard: int, reservation_id: str) -> str:
+        return f"{self._tag(shard)}:lease:{reservation_id}"
 
     def all_shards(self) -> range:
         return range(self.shard_count)

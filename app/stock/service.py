@@ -10,18 +10,23 @@ two concurrent operations on one reservation meet on its home shard first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 
 from app.stock.clock import now_ms
 from app.stock.errors import (
     IdempotencyConflict,
     InsufficientStock,
     LimitExceeded,
+    ReservationBusy,
     ReservationConfirmed,
     ReservationNotFound,
     ReservationReleased,
@@ -46,6 +51,11 @@ from app.stock.schemas import (
     from_ms,
 )
 from app.store.scripts import Scripts
+
+# A lease outlives any sane multi-shard operation (a few script calls, milliseconds) yet frees a
+# reservation soon after a crashed holder; a second caller waits up to LEASE_WAIT_SECONDS for it.
+LEASE_SECONDS = 10.0
+LEASE_WAIT_SECONDS = 5.0
 
 # Overall status of a reservation from its parts' statuses: a release or an expiry of any part speaks
 # for the whole (the others follow within one sweep, deadlines being shared); 'confirmed' only when
@@ -153,62 +163,72 @@ class StockService:
 
     # -- reservations ---------------------------------------------------------------------------------
 
-    async def reserve(self, tenant: str, request: ReservationRequest, reservation_id: str | None = None) -> Reservation:
+    async def reserve(
+        self, tenant: str, request: ReservationRequest, reservation_id: str | None = None, retry: bool = False
+    ) -> Reservation:
         """Holds every line all-or-nothing: one reserve.lua call per shard, compensated on refusal.
 
-        ``reservation_id`` is given on an idempotent retry: parts that already exist are left as they are.
+        ``reservation_id`` fixes the id (an Idempotency-Key claim chose it); ``retry`` says an earlier
+        attempt with that id may have run: its parts are kept, and a reservation it left no longer live
+        is answered as it is rather than extended.
         """
         now = now_ms()
         parts = self._group(tenant, request.items)
-        rid = reservation_id or new_reservation_id(parts[0].shard)
+        rid = reservation_id or self.new_reservation_id(tenant, request)
+        if len(parts) == 1:
+            return await self._reserve_parts(tenant, request, rid, parts, "", now)
+        async with self._lease(parts[0].shard, rid):
+            shared = ""
+            if retry:
+                st, exp = await self.redis.hmget(self.keys.reservation(parts[0].shard, rid), ["st", "exp"])
+                if st is not None and st not in (ReservationStatus.HELD, ReservationStatus.PENDING):
+                    return await self.get_reservation(tenant, rid)
+                if st is not None:
+                    shared = str(exp)
+            if not shared:
+                shared = str(await self._shared_deadline(tenant, request.items, now))
+            return await self._reserve_parts(tenant, request, rid, parts, shared, now)
+
+    async def _reserve_parts(
+        self, tenant: str, request: ReservationRequest, rid: str, parts: list[_Part], shared: str, now: int
+    ) -> Reservation:
         doc = orjson.dumps(
             {
                 "user_id": request.user_id,
                 "items": [item.model_dump() for item in request.items],
                 "channel": request.channel,
-                "shards": [p.shard for p in parts],
             }
         ).decode()
-        deadline_arg = ""
-        if len(parts) > 1:
-            if reservation_id is not None:
-                # An idempotent retry: if an earlier attempt already reserved the home part, keep its
-                # deadline, and add no parts to a reservation that is no longer live.
-                st, exp = await self.redis.hmget(self.keys.reservation(parts[0].shard, rid), ["st", "exp"])
-                if st is not None and st not in (ReservationStatus.HELD, ReservationStatus.PENDING):
-                    return await self.get_reservation(tenant, rid)
-                if st is not None:
-                    deadline_arg = str(exp)
-            if not deadline_arg:
-                deadline_arg = str(await self._shared_deadline(tenant, request.items, now))
-
         done: list[_Part] = []
         statuses: list[str] = []
-        deadline, already = 0, False
-        for i, part in enumerate(parts):
-            reply = await self._call_part(
-                "reserve",
-                tenant,
-                rid,
-                part,
-                [rid, tenant, request.user_id, now, deadline_arg, doc if i == 0 else ""],
-                with_quantities=True,
-            )
-            code = int(reply[0])
-            if code < 0:
-                await self._undo(tenant, rid, done, now)
-                raise _line_error(code, reply, part)
-            done.append(part)
-            already = already or code == 1
-            statuses.append(reply[1])
-            deadline = int(reply[2])
+        deadlines: list[int] = []
+        already = False
+        try:
+            for i, part in enumerate(parts):
+                reply = await self._call_part(
+                    "reserve",
+                    tenant,
+                    rid,
+                    part,
+                    [rid, tenant, request.user_id, now, shared, doc if i == 0 else ""],
+                    with_quantities=True,
+                )
+                code = int(reply[0])
+                if code < 0:
+                    raise _script_error(code, reply, part)
+                done.append(part)
+                already = already or code == 1
+                statuses.append(reply[1])
+                deadlines.append(int(reply[2]))
+        except BaseException:
+            # A refusal, or an error that leaves the current part's outcome unknown: all-or-nothing, so
+            # undo every part done so far, an earlier attempt's included, and the current one (undoing a
+            # part that does not exist changes nothing). The lease keeps other calls out meanwhile.
+            await self._undo(tenant, rid, parts[: len(done) + 1], now)
+            raise
         if already:
-            if len(parts) > 1 and not await self.redis.exists(self.keys.reservation(parts[0].shard, rid)):
-                # A concurrent attempt with the same Idempotency-Key was refused and undid the home part
-                # while this one was adding parts: undo ours too rather than leave parts without a home.
-                await self._undo(tenant, rid, done, now)
-                raise ReservationNotFound(f"reservation {rid!r} was refused by a concurrent attempt; retry")
             return await self.get_reservation(tenant, rid)
+        deadline = min((d for d in deadlines if d), default=0)
         return Reservation(
             id=rid,
             status=combine_statuses(statuses),
@@ -219,42 +239,86 @@ class StockService:
             expires_at=from_ms(deadline) if deadline else None,
         )
 
+    def new_reservation_id(self, tenant: str, request: ReservationRequest) -> str:
+        """A fresh id naming the reservation's home shard (its first SKU's)."""
+        return new_reservation_id(self.keys.shard_of(tenant, request.items[0].sku))
+
     async def get_reservation(self, tenant: str, reservation_id: str) -> Reservation:
         return _to_reservation(await self._load(tenant, reservation_id))
 
     async def confirm(self, tenant: str, reservation_id: str) -> Reservation:
         """Payment arrived: confirm.lua on every part; if one refuses, revert_confirm.lua on the parts
-        this call confirmed, so the reservation is confirmed whole or not at all."""
+        this call confirmed, so the reservation is confirmed whole or not at all. Operations on one
+        reservation spanning shards are serialised by a lease on its home shard."""
         loaded = await self._load(tenant, reservation_id)
-        now = now_ms()
+        if len(loaded.parts) == 1:
+            return await self._confirm_parts(loaded)
+        async with self._lease(loaded.parts[0].shard, reservation_id):
+            return await self._confirm_parts(loaded)
+
+    async def _confirm_parts(self, loaded: _Loaded) -> Reservation:
+        rid, tenant, now = loaded.reservation_id, loaded.tenant, now_ms()
         confirmed_now: list[_Part] = []
-        for part in loaded.parts:
-            reply = await self._call_part("confirm", tenant, reservation_id, part, [reservation_id, now])
-            code = int(reply[0])
-            if code < 0:
-                for done in reversed(confirmed_now):
-                    await self._call_part("revert_confirm", tenant, reservation_id, done, [reservation_id, now])
-                raise _line_error(code, reply, part)
-            if code == 0:
-                confirmed_now.append(part)
+        already = False
+        try:
+            for part in loaded.parts:
+                reply = await self._call_part("confirm", tenant, rid, part, [rid, now])
+                code = int(reply[0])
+                if code < 0:
+                    raise _script_error(code, reply, part)
+                if code == 1:
+                    already = True
+                else:
+                    confirmed_now.append(part)
+        except BaseException as exc:
+            undo = list(confirmed_now)
+            if not isinstance(exc, StockError) and not already:
+                # the failing call's outcome is unknown; with no part confirmed before this call,
+                # reverting it is safe (reverting a part that is not confirmed changes nothing)
+                undo.append(loaded.parts[len(confirmed_now)])
+            for part in reversed(undo):
+                await self._call_part("revert_confirm", tenant, rid, part, [rid, now])
+            raise
         return _to_reservation(loaded, [ReservationStatus.CONFIRMED])
 
     async def release(self, tenant: str, reservation_id: str) -> Reservation:
         """The buyer cancels: release.lua on every part (idempotent; a confirmed reservation is refused)."""
         loaded = await self._load(tenant, reservation_id)
-        now = now_ms()
+        if len(loaded.parts) == 1:
+            return await self._release_parts(loaded)
+        async with self._lease(loaded.parts[0].shard, reservation_id):
+            return await self._release_parts(loaded)
+
+    async def _release_parts(self, loaded: _Loaded) -> Reservation:
+        rid, now = loaded.reservation_id, now_ms()
         statuses: list[str] = []
         for part in loaded.parts:
-            reply = await self._call_part(
-                "release", tenant, reservation_id, part, [reservation_id, now], mode="release"
-            )
+            reply = await self._call_part("release", loaded.tenant, rid, part, [rid, now], mode="release")
             code = int(reply[0])
             if code < 0:
-                raise _line_error(code, reply, part)
+                raise _script_error(code, reply, part)
             statuses.append(reply[1])
         return _to_reservation(loaded, statuses)
 
     # -- internals ------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _lease(self, home: int, rid: str) -> AsyncIterator[None]:
+        """Serialises operations on one reservation spanning shards (a duplicate payment webhook, a
+        release racing a confirm, two requests with one Idempotency-Key), so one call's compensation
+        never undoes parts another call counted as done. Single-shard reservations need none: each of
+        their operations is one atomic script call. redis-py's Lock: SET NX PX with a token, released
+        only by its holder."""
+        lock = Lock(self.redis, self.keys.lease(home, rid), timeout=LEASE_SECONDS, blocking_timeout=LEASE_WAIT_SECONDS)
+        if not await lock.acquire():
+            raise ReservationBusy(
+                f"another operation on reservation {rid!r} has been running for over {LEASE_WAIT_SECONDS:g}s; retry"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError):  # the lease lapsed: the next holder owns the key now
+                await lock.release()
 
     def _idem_key(self, shard: int, tenant: str, idem: IdempotencyRequest | None) -> str:
         # Without a key the script leaves this one untouched; it still names a key of the same slot.
@@ -265,17 +329,8 @@ class StockService:
     @staticmethod
     def _raise_catalogue_error(reply: list[Any], sku: str) -> None:
         code = int(reply[0])
-        if code == ScriptCode.SKU_NOT_FOUND:
-            raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
-        if code == ScriptCode.STOCK_CONFLICT:
-            held, sold = int(reply[1]), int(reply[2])
-            raise StockConflict(
-                f"on_hand - safety_stock may not fall below held + sold ({held} + {sold}) for SKU {sku!r}",
-                held=held,
-                sold=sold,
-            )
-        if code == ScriptCode.IDEMPOTENCY_CONFLICT:
-            raise IdempotencyConflict("this Idempotency-Key was already used with a different request; use a new key")
+        if code < 0:
+            raise _script_error(code, reply, sku=sku)
 
     def _group(self, tenant: str, items: Sequence[ReservationItem]) -> list[_Part]:
         by_shard: dict[int, list[tuple[int, ReservationItem]]] = {}
@@ -387,15 +442,16 @@ def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> R
     )
 
 
-def _line_error(code: int, reply: Sequence[Any], part: _Part) -> StockError:
-    """Turns a script's negative reply into the domain error, naming SKUs instead of line numbers."""
+def _script_error(code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "") -> StockError:
+    """The one place a script's negative reply becomes a domain error; line numbers become SKU names."""
 
     def item(line: Any) -> ReservationItem:
+        assert part is not None
         return part.lines[int(line) - 1][1]
 
     if code == ScriptCode.SKU_NOT_FOUND:
-        sku = item(reply[1]).sku
-        return SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
+        name = item(reply[1]).sku if part is not None else sku
+        return SkuNotFound(f"SKU {name!r} does not exist", sku=name)
     if code == ScriptCode.INSUFFICIENT_STOCK:
         short = [
             {"sku": item(reply[i]).sku, "requested": item(reply[i]).quantity, "available": int(reply[i + 1])}
@@ -412,6 +468,15 @@ def _line_error(code: int, reply: Sequence[Any], part: _Part) -> StockError:
             units=units,
             requested=line.quantity,
         )
+    if code == ScriptCode.STOCK_CONFLICT:
+        held, sold = int(reply[1]), int(reply[2])
+        return StockConflict(
+            f"on_hand - safety_stock may not fall below held + sold ({held} + {sold}) for SKU {sku!r}",
+            held=held,
+            sold=sold,
+        )
+    if code == ScriptCode.IDEMPOTENCY_CONFLICT:
+        return IdempotencyConflict("this Idempotency-Key was already used with a different request; use a new key")
     if code == ScriptCode.RESERVATION_NOT_FOUND:
         return ReservationNotFound("reservation does not exist")
     if code == ScriptCode.RESERVATION_RELEASED:

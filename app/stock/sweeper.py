@@ -1,4 +1,4 @@
-"""The expiry sweeper: pre_reserve holds past their deadline stop counting with no client involved.
+"""The expiry sweeper: reservations past their deadline stop holding stock with no client involved.
 
 Every tick it asks every shard's expiry index for due reservation ids (one pipeline for all shards),
 reads those parts' lines (one pipeline), then calls expire_holds.lua once per shard with due holds. The
@@ -49,23 +49,30 @@ class ExpirySweeper:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for shard, ids in due.items():
                     for rid in ids:
-                        pipe.hgetall(self.keys.reservation(shard, rid))
-                parts = iter(await pipe.execute())
+                        # field names and tenant only: the home part also holds the (larger) document
+                        pipe.hkeys(self.keys.reservation(shard, rid))
+                        pipe.hget(self.keys.reservation(shard, rid), "t")
+                replies = iter(await pipe.execute())
+                parts = iter([(fields, next(replies)) for fields in replies])
+            again = []
             for shard, ids in due.items():
                 reply = await self._expire(shard, ids, [next(parts) for _ in ids], now)
                 expired += int(reply[0])
-            # Shards that filled a whole batch may have more due holds: go again for those only.
-            shards = [shard for shard, ids in due.items() if len(ids) == self.batch]
+                # A shard that filled a whole batch and made progress may have more due holds: go again
+                # for those only (no progress means the rest waits for the next tick, never a busy loop).
+                if len(ids) == self.batch and int(reply[0]) > 0:
+                    again.append(shard)
+            shards = again
         self.runs += 1
         self.expired_total += expired
         return expired
 
-    async def _expire(self, shard: int, ids: list[str], parts: list[dict[str, str]], now: int) -> Any:
+    async def _expire(self, shard: int, ids: list[str], parts: list[tuple[list[str], str | None]], now: int) -> Any:
         keys = [self.keys.expiry(shard), self.keys.events(shard)]
         args: list[Any] = [now, len(ids)]
-        for rid, part in zip(ids, parts, strict=True):
-            tenant = part.get("t", "")
-            skus = [field[2:] for field in part if field.startswith("q:")]
+        for rid, (fields, owner) in zip(ids, parts, strict=True):
+            tenant = owner or ""
+            skus = [field[2:] for field in fields if field.startswith("q:")]
             keys.append(self.keys.reservation(shard, rid))
             for sku in skus:
                 keys.append(self.keys.sku(shard, tenant, sku))

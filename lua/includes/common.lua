@@ -27,10 +27,31 @@ local function add_user_units(key, user, delta)
 end
 
 -- One stock movement on the shard's stream. Counters are the SKU's values *after* the change, so a
--- consumer can check the ledger without reading Redis, and replaying `qty` by `type` rebuilds them.
-local function emit(stream, kind, tenant, sku, qty, reservation, user, on_hand, held, sold, now)
-  redis.call('XADD', stream, '*', 'type', kind, 'tenant', tenant, 'sku', sku, 'qty', qty,
-    'res', reservation, 'user', user, 'on_hand', on_hand, 'held', held, 'sold', sold, 'at', now)
+-- consumer can check the ledger without reading Redis. What each type does to the counters (and to
+-- the user's units) is fixed, so replaying `qty` by `type` rebuilds them:
+--   sku_set      on_hand := on_hand (qty = the change); settings in extra fields
+--   adjusted     on_hand += qty
+--   held         held += qty, user += qty                  (extra: exp, the hold's deadline, 0 = none)
+--   pending      nothing (an on_payment line was reserved; qty = units asked)
+--   confirmed    held -= qty, sold += qty                  (a held line paid)
+--   sold         sold += qty, user += qty                  (deducted directly at payment)
+--   released     held -= qty, user -= qty                  (buyer cancelled)
+--   expired      held -= qty, user -= qty                  (deadline passed)
+--   undone       held -= qty, user -= qty                  (compensation of a cross-shard reserve)
+--   cancelled    nothing (a line that held nothing was released or undone)
+--   lapsed       nothing (a line that held nothing passed its reservation's deadline)
+--   unconfirmed  sold -= qty, held += qty                  (compensation of a confirm from a hold)
+--   unsold       sold -= qty, user -= qty                  (compensation of a direct deduction)
+-- `extra` is an optional flat list of further field/value pairs.
+local function emit(stream, kind, tenant, sku, qty, reservation, user, on_hand, held, sold, now, extra)
+  local fields = {'type', kind, 'tenant', tenant, 'sku', sku, 'qty', qty, 'res', reservation, 'user', user,
+    'on_hand', on_hand, 'held', held, 'sold', sold, 'at', now}
+  if extra then
+    for i = 1, #extra do
+      fields[#fields + 1] = extra[i]
+    end
+  end
+  redis.call('XADD', stream, '*', unpack(fields))
 end
 
 -- Reads the counters and settings of one SKU hash: nil when the SKU does not exist.

@@ -241,7 +241,9 @@ async def test_retry_after_crash_after_reserving_holds_nothing_twice(
 async def crash_between_shards(
     app: FastAPI, client: httpx.AsyncClient, body: dict[str, Any], idempotency_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Sends the request and kills it after the home shard's reserve.lua and before the second shard's."""
+    """Sends the request and kills it after the home shard's reserve.lua and before the second shard's.
+    A killed process runs nothing more, so every later script call fails too (the service compensates
+    on errors it survives; a crash is exactly when it cannot)."""
     scripts = app.state.scripts
     real_call = scripts.call
     reserve_calls = 0
@@ -250,8 +252,8 @@ async def crash_between_shards(
         nonlocal reserve_calls
         if name == "reserve":
             reserve_calls += 1
-            if reserve_calls == 2:
-                raise ConnectionError("process killed between shards")
+        if reserve_calls >= 2:
+            raise ConnectionError("process killed between shards")
         return await real_call(name, *args, **kwargs)
 
     with monkeypatch.context() as patch:

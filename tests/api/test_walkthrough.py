@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from tests.helpers import put_sku, reserve, sku_state
 
@@ -71,3 +73,21 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok", "sweeper": "ok"}
     docs = await client.get("/openapi.json")
     assert "/v1/reservations/{reservation_id}/confirm" in docs.json()["paths"]
+
+
+async def test_redis_unavailable_is_503_not_ready(app: FastAPI, client: httpx.AsyncClient) -> None:
+    # given a service whose Redis stops answering (port 1: nothing listens there)
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    live = app.state.service.redis
+    app.state.service.redis = dead
+    try:
+        # when
+        response = await client.get("/v1/skus/anything")
+    finally:
+        app.state.service.redis = live
+        await dead.aclose()
+
+    # then
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["code"] == "not_ready"

@@ -65,9 +65,7 @@ async def test_due_hold_is_expired_and_its_units_return(redis: Redis, scripts: S
     }
 
 
-async def test_held_lines_return_and_on_payment_lines_are_left_alone(
-    redis: Redis, scripts: Scripts, keys: KeySpace
-) -> None:
+async def test_held_lines_return_and_on_payment_lines_lapse(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
     timed, ordered, paid = skus_on_one_shard(keys, "exp", 3)
     shard = keys.shard_of(TENANT, timed)
     await set_sku(scripts, keys, timed, 5, ttl=1)
@@ -85,6 +83,7 @@ async def test_held_lines_return_and_on_payment_lines_are_left_alone(
     assert [(e["type"], e["sku"], e["qty"]) for e in ledger[ledger_before:]] == [
         ("expired", timed, "1"),
         ("expired", ordered, "2"),
+        ("lapsed", paid, "3"),  # held nothing: no counter moves, but the ledger sees the line lapse
     ]
 
 
@@ -250,3 +249,30 @@ async def test_sweeps_racing_releases_and_reserves_keep_exact_totals(
         rid for rid, r in zip(newcomers, reserves, strict=True) if r[0] == 0
     }
     await assert_ledger_matches(redis, keys, "mix")
+
+
+async def test_a_pending_part_with_a_deadline_expires_and_one_without_stays(
+    redis: Redis, scripts: Scripts, keys: KeySpace
+) -> None:
+    # given two pending parts (on_payment lines only): one of a cross-shard reservation that has a
+    # deadline (the caller passed it), one of a reservation with no deadline at all
+    await set_sku(scripts, keys, "voucher", 5, mode="on_payment")
+    shard = keys.shard_of(TENANT, "voucher")
+    with_deadline, without = new_id(keys, "voucher"), new_id(keys, "voucher")
+    assert await reserve(scripts, keys, with_deadline, "di", [("voucher", 1)], deadline=NOW + 1_000) == [
+        0,
+        "pending",
+        NOW + 1_000,
+    ]
+    assert await reserve(scripts, keys, without, "di", [("voucher", 1)]) == [0, "pending", 0]
+    assert await expiry_index(redis, keys, shard) == {with_deadline: NOW + 1_000}
+
+    # when
+    reply = await expire_holds(scripts, keys, shard, [(with_deadline, ["voucher"])], now=FAR_FUTURE)
+
+    # then the first is expired (nothing to return), the second still pending, counters untouched
+    assert reply == [1, 0]
+    assert (await part(redis, keys, with_deadline, "voucher"))["st"] == "expired"
+    assert (await part(redis, keys, without, "voucher"))["st"] == "pending"
+    assert (await counters(redis, keys, "voucher")).held == 0
+    assert (await events(redis, keys, shard))[-1]["type"] == "lapsed"

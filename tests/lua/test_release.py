@@ -83,7 +83,8 @@ async def test_release_returns_only_held_lines_and_logs_every_line(
     line_events = [
         (e["type"], e["sku"], e["qty"], e["held"]) for e in await events(redis, keys, keys.shard_of(TENANT, paid))
     ]
-    assert line_events[-2:] == [("released", timed, "2", "0"), ("released", paid, "3", "0")]
+    # the held line's units moved back ('released'); the on_payment line held nothing ('cancelled')
+    assert line_events[-2:] == [("released", timed, "2", "0"), ("cancelled", paid, "3", "0")]
 
 
 async def test_release_of_a_pending_part_marks_it_released(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
@@ -127,7 +128,7 @@ async def test_undo_leaves_the_shard_exactly_as_before_the_reserve(
     assert [(e["type"], e["sku"], e["qty"], e["res"]) for e in ledger[-3:]] == [
         ("undone", a, "3", rid),
         ("undone", b, "1", rid),
-        ("undone", c, "2", rid),
+        ("cancelled", c, "2", rid),  # c's line held nothing (on_payment)
     ]
 
 

@@ -68,6 +68,7 @@ async def test_pre_reserve_line_is_held_until_now_plus_ttl(redis: Redis, scripts
         "held": "3",
         "sold": "0",
         "at": str(NOW),
+        "exp": str(deadline),
     }
 
 
@@ -138,19 +139,38 @@ async def test_on_payment_only_is_pending_and_holds_nothing(redis: Redis, script
     assert (last["type"], last["qty"], last["held"], last["res"]) == ("pending", "4", "0", rid)
 
 
-async def test_given_deadline_overrides_the_ttl(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
-    # given a caller-fixed deadline (a reservation spanning shards), and an explicit 0
+async def test_shared_deadline_takes_the_earlier_of_it_and_the_parts_own(
+    redis: Redis, scripts: Scripts, keys: KeySpace
+) -> None:
+    # given a pre_reserve SKU (own deadline NOW + 900 s) and an on_order one (no deadline of its own)
     await set_sku(scripts, keys, "scarf", 10, ttl=900)
-    shared, none = new_id(keys, "scarf"), new_id(keys, "scarf")
+    await set_sku(scripts, keys, "hat", 10, mode="on_order")
+    earlier, later, zero, on_order = (new_id(keys, "scarf") for _ in range(4))
 
-    # when
-    with_deadline = await reserve(scripts, keys, shared, "eve", [("scarf", 1)], deadline=NOW + 5_000)
-    without = await reserve(scripts, keys, none, "eve", [("scarf", 1)], deadline=0)
+    # when a reservation spanning shards passes its shared deadline
+    replies = [
+        await reserve(scripts, keys, earlier, "eve", [("scarf", 1)], deadline=NOW + 5_000),
+        await reserve(scripts, keys, later, "eve", [("scarf", 1)], deadline=NOW + 2_000_000),
+        # 0: the caller read the SKU while it was on_order; it is pre_reserve now and keeps its own
+        await reserve(scripts, keys, zero, "eve", [("scarf", 1)], deadline=0),
+        await reserve(scripts, keys, on_order, "eve", [("hat", 1)], deadline=NOW + 5_000),
+    ]
 
-    # then
-    assert with_deadline == [0, "held", NOW + 5_000]
-    assert without == [0, "held", 0]
-    assert await expiry_index(redis, keys, keys.shard_of(TENANT, "scarf")) == {shared: NOW + 5_000}
+    # then every pre_reserve hold has a deadline, the earlier one wins, and an on_order part follows
+    # the reservation's deadline so its parts expire together
+    assert replies == [
+        [0, "held", NOW + 5_000],
+        [0, "held", NOW + 900_000],
+        [0, "held", NOW + 900_000],
+        [0, "held", NOW + 5_000],
+    ]
+    scarf_index = await expiry_index(redis, keys, keys.shard_of(TENANT, "scarf"))
+    assert {rid: scarf_index[rid] for rid in (earlier, later, zero)} == {
+        earlier: NOW + 5_000,
+        later: NOW + 900_000,
+        zero: NOW + 900_000,
+    }
+    assert (await expiry_index(redis, keys, keys.shard_of(TENANT, "hat")))[on_order] == NOW + 5_000
 
 
 async def test_already_when_the_part_exists_changes_nothing(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:

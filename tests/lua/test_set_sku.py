@@ -57,6 +57,10 @@ async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scrip
             "held": "0",
             "sold": "0",
             "at": str(NOW),
+            "safety_stock": "2",
+            "mode": "on_order",
+            "hold_ttl_seconds": "60",
+            "per_user_limit": "3",
         }
     ]
     # no fingerprint: the idempotency record is not written

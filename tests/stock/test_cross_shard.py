@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.stock.errors import InsufficientStock, LimitExceeded, SkuNotFound
+from app.stock.errors import InsufficientStock, LimitExceeded, ReservationBusy, SkuNotFound
 from app.stock.keys import KeySpace
-from app.stock.schemas import ReservationItem, ReservationRequest, SkuSettings
+from app.stock.schemas import Adjustment, ReservationItem, ReservationRequest, SkuSettings
 from app.stock.service import StockService, combine_statuses
 from tests.helpers import snapshot
 
@@ -140,3 +144,91 @@ async def test_cross_shard_release(service: StockService, keys: KeySpace) -> Non
 )
 def test_combined_status(parts: list[str], overall: str) -> None:
     assert combine_statuses(parts) == overall
+
+
+async def test_duplicate_confirm_cannot_slip_between_a_failed_confirm_and_its_revert(
+    service: StockService, keys: KeySpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The duplicate-webhook race, forced: confirm #1 confirms part A, is refused on B, and is paused just
+    before reverting A; meanwhile B is restocked and confirm #2 arrives. Without serialisation #2 sees A
+    'already confirmed', confirms B and answers 200, then #1 reverts A: a paid reservation half sold.
+    With the lease #2 waits for #1 to finish and then confirms the whole reservation."""
+    # given a pending cross-shard reservation whose second SKU has no stock right now
+    a, b = skus_on_distinct_shards(keys, 2)
+    await service.put_sku(TENANT, a, SkuSettings(on_hand=5, mode="on_payment"))
+    await service.put_sku(TENANT, b, SkuSettings(on_hand=1, mode="on_payment"))
+    pending = await service.reserve(TENANT, request("pat", (a, 2), (b, 1)))
+    await service.adjust(TENANT, b, Adjustment(delta=-1, reason="damaged"))
+    reverting, resume = asyncio.Event(), asyncio.Event()
+    real_call = service.scripts.call
+
+    async def pause_first_revert(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "revert_confirm" and not reverting.is_set():
+            reverting.set()
+            await resume.wait()
+        return await real_call(name, *args, **kwargs)
+
+    monkeypatch.setattr(service.scripts, "call", pause_first_revert)
+
+    # when
+    first = asyncio.create_task(service.confirm(TENANT, pending.id))
+    await asyncio.wait_for(reverting.wait(), 5)
+    await service.adjust(TENANT, b, Adjustment(delta=1, reason="found it"))
+    second = asyncio.create_task(service.confirm(TENANT, pending.id))
+    await asyncio.sleep(0.3)  # long enough for #2 to finish if nothing holds it back
+    resume.set()
+    outcomes = await asyncio.gather(first, second, return_exceptions=True)
+
+    # then #1 was refused, #2 confirmed, and the reservation is sold on both shards
+    assert isinstance(outcomes[0], InsufficientStock)
+    assert not isinstance(outcomes[1], BaseException)
+    assert outcomes[1].status == "confirmed"
+    assert (await service.get_reservation(TENANT, pending.id)).status == "confirmed"
+    assert ((await service.get_sku(TENANT, a)).sold, (await service.get_sku(TENANT, b)).sold) == (2, 1)
+
+
+async def test_an_error_between_shards_is_compensated(
+    service: StockService, keys: KeySpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis error on the second shard (its outcome unknown) undoes the first shard's hold."""
+    a, b = skus_on_distinct_shards(keys, 2)
+    await service.put_sku(TENANT, a, SkuSettings(on_hand=5))
+    await service.put_sku(TENANT, b, SkuSettings(on_hand=5))
+    real_call = service.scripts.call
+    reserves = 0
+
+    async def second_reserve_fails(name: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reserves
+        if name == "reserve":
+            reserves += 1
+            if reserves == 2:
+                raise RedisConnectionError("connection reset")
+        return await real_call(name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service.scripts, "call", second_reserve_fails)
+        with pytest.raises(RedisConnectionError):
+            await service.reserve(TENANT, request("quin", (a, 2), (b, 1)))
+
+    assert [(await service.get_sku(TENANT, s)).held for s in (a, b)] == [0, 0]
+    assert (await service.reserve(TENANT, request("quin", (a, 2), (b, 1)))).status == "held"
+
+
+async def test_a_held_lease_makes_others_wait_then_answers_busy(
+    service: StockService, redis: Redis, keys: KeySpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = skus_on_distinct_shards(keys, 2)
+    await service.put_sku(TENANT, a, SkuSettings(on_hand=5))
+    await service.put_sku(TENANT, b, SkuSettings(on_hand=5))
+    held = await service.reserve(TENANT, request("rae", (a, 1), (b, 1)))
+    monkeypatch.setattr("app.stock.service.LEASE_WAIT_SECONDS", 0.2)
+    # another replica holds the reservation's lease (and, say, died holding it)
+    lease = keys.lease(keys.shard_of(TENANT, a), held.id)
+    assert await redis.set(lease, "someone-else", px=60_000)
+
+    with pytest.raises(ReservationBusy):
+        await service.release(TENANT, held.id)
+
+    assert (await service.get_reservation(TENANT, held.id)).status == "held"
+    await redis.delete(lease)  # the lease lapses
+    assert (await service.release(TENANT, held.id)).status == "released"

@@ -10,10 +10,15 @@ from fastapi.responses import Response
 from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, ServiceDep, TenantDep
 from app.api.idempotent import run_idempotent
 from app.api.responses import json_response, problem_schema
-from app.stock.reservation_ids import new_reservation_id
 from app.stock.schemas import Reservation, ReservationRequest
 
 router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
+
+
+def _no_body() -> None:
+    """confirm and release take no body: their fingerprint is method and path alone."""
+
+
 ReservationPath = Annotated[
     str, Path(pattern=r"^rsv_[0-9]{1,5}_[a-z2-7]{16}$", description="Reservation id as returned by POST")
 ]
@@ -39,17 +44,16 @@ async def create_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def reserve(reservation_id: str) -> Response:
-        return json_response(await service.reserve(tenant, body, reservation_id), 201)
+    async def reserve(reservation_id: str, retry: bool) -> Response:
+        return json_response(await service.reserve(tenant, body, reservation_id, retry), 201)
 
-    home = service.keys.shard_of(tenant, body.items[0].sku)
     return await run_idempotent(
         store,
         tenant,
         idempotency_key,
         "POST /v1/reservations",
-        body.model_dump(mode="json"),
-        new_reservation_id(home),
+        lambda: body.model_dump(mode="json"),
+        service.new_reservation_id(tenant, body),
         request.url.path,
         reserve,
     )
@@ -83,11 +87,13 @@ async def confirm_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def confirm(_: str) -> Response:
+    async def confirm(_: str, __: bool) -> Response:
         return json_response(await service.confirm(tenant, reservation_id))
 
     scope = f"POST {request.url.path}"
-    return await run_idempotent(store, tenant, idempotency_key, scope, None, reservation_id, request.url.path, confirm)
+    return await run_idempotent(
+        store, tenant, idempotency_key, scope, _no_body, reservation_id, request.url.path, confirm
+    )
 
 
 @router.post(
@@ -108,8 +114,10 @@ async def release_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def release(_: str) -> Response:
+    async def release(_: str, __: bool) -> Response:
         return json_response(await service.release(tenant, reservation_id))
 
     scope = f"POST {request.url.path}"
-    return await run_idempotent(store, tenant, idempotency_key, scope, None, reservation_id, request.url.path, release)
+    return await run_idempotent(
+        store, tenant, idempotency_key, scope, _no_body, reservation_id, request.url.path, release
+    )
