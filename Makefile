@@ -12,6 +12,9 @@ help:
 	@echo "make lint   ruff (lint + format check) and mypy"
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
+	  echo "stockhold needs Python >= 3.11 with the venv module (Debian: apt-get install python3-venv);"; \
+	  echo "set PYTHON=/path/to/python3.11 if it is not the default python3"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -46,7 +46,9 @@ def serve(
     with ExitStack() as stack:
         _start_embedded(stack)
         settings = get_settings()
-        _migrate()  # once, before the workers start, so they find the schema ready
+        # Before the workers start, so a failing migration stops `serve` with one clear error; each
+        # worker's lifespan applies them again, a no-op under the advisory lock.
+        _migrate()
         typer.echo(f"stockhold on http://{host or settings.host}:{port or settings.port} (docs at /docs)")
         uvicorn.run(
             "app.main:create_app",
