@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
@@ -10,6 +11,7 @@ from fastapi.responses import Response
 from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, ServiceDep, TenantDep
 from app.api.idempotent import run_idempotent
 from app.api.responses import json_response, problem_schema
+from app.stock.idempotency import IdempotencyStore
 from app.stock.schemas import Reservation, ReservationRequest
 
 router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
@@ -17,6 +19,23 @@ router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
 
 def _no_body() -> None:
     """confirm and release take no body: their fingerprint is method and path alone."""
+
+
+async def _act(
+    request: Request,
+    store: IdempotencyStore,
+    tenant: str,
+    idempotency_key: str | None,
+    reservation_id: str,
+    action: Callable[[str, str], Awaitable[Reservation]],
+) -> Response:
+    """Runs confirm or release under the request's Idempotency-Key, if any."""
+
+    async def run(_: str, __: bool) -> Response:
+        return json_response(await action(tenant, reservation_id))
+
+    path = request.url.path
+    return await run_idempotent(store, tenant, idempotency_key, f"POST {path}", _no_body, reservation_id, path, run)
 
 
 ReservationPath = Annotated[
@@ -87,13 +106,7 @@ async def confirm_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def confirm(_: str, __: bool) -> Response:
-        return json_response(await service.confirm(tenant, reservation_id))
-
-    scope = f"POST {request.url.path}"
-    return await run_idempotent(
-        store, tenant, idempotency_key, scope, _no_body, reservation_id, request.url.path, confirm
-    )
+    return await _act(request, store, tenant, idempotency_key, reservation_id, service.confirm)
 
 
 @router.post(
@@ -114,10 +127,4 @@ async def release_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def release(_: str, __: bool) -> Response:
-        return json_response(await service.release(tenant, reservation_id))
-
-    scope = f"POST {request.url.path}"
-    return await run_idempotent(
-        store, tenant, idempotency_key, scope, _no_body, reservation_id, request.url.path, release
-    )
+    return await _act(request, store, tenant, idempotency_key, reservation_id, service.release)
