@@ -1,4 +1,4 @@
-"""The `stockhold` command (typer): serve, migrate."""
+"""The `stockhold` command (typer): serve, migrate, worker."""
 
 from __future__ import annotations
 
@@ -80,6 +80,44 @@ def migrate() -> None:
     """Apply pending SQL migrations to DATABASE_URL (serialised with an advisory lock; re-running is a no-op)."""
     applied = _migrate()
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema up to date")
+
+
+@app.command()
+def worker(
+    name: str = typer.Option(None, help="Consumer name in the group (default: host-pid); unique per process"),
+) -> None:
+    """Run a write-behind worker: shard event streams -> PostgreSQL ledger (stop with Ctrl-C)."""
+    import signal
+    import socket
+
+    from app.stock.keys import KeySpace
+    from app.store.postgres import apply_migrations, create_pool
+    from app.store.redis import connect_redis
+    from app.worker.consumer import WriteBehindWorker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise typer.BadParameter("REDIS_URL and DATABASE_URL must be set for a separate worker")
+
+    async def run() -> None:
+        assert settings.redis_url and settings.database_url
+        redis = connect_redis(settings.redis_url, pool_size=8)
+        pg = await create_pool(settings.database_url, max_size=4)
+        try:
+            await apply_migrations(pg)
+            consumer = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            typer.echo(f"write-behind worker {consumer} running")
+            await WriteBehindWorker(redis, pg, KeySpace(settings.shard_count), consumer).run(stop)
+        finally:
+            await redis.aclose()
+            await pg.close()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # (50 items) is about 4 KiB, so 64 KiB leaves room and still stops memory abuse.
     max_body_bytes: int = Field(default=65_536, ge=1024, validation_alias="STOCKHOLD_MAX_BODY_BYTES")
 
+    # Run the write-behind worker inside each API process (what `make run` wants); set false when
+    # running `stockhold worker` processes separately.
+    worker_in_process: bool = Field(default=True, validation_alias="STOCKHOLD_WORKER_IN_PROCESS")
+
     # Tenant used until API keys arrive: every key and event already carries a tenant.
     default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
 

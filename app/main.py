@@ -1,10 +1,13 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
-scripts and starts the expiry sweeper; routes stay thin and translate domain errors to problem+json."""
+scripts and starts the expiry sweeper (and, unless STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind
+worker); routes stay thin and translate domain errors to problem+json."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +24,7 @@ from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.worker.consumer import WriteBehindWorker
 
 log = logging.getLogger("stockhold")
 
@@ -43,12 +47,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = StockService(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.sweeper = sweeper
-        app.state.sweeper_task = asyncio.create_task(sweeper.run(stop), name="expiry-sweeper")
+        tasks = [asyncio.create_task(sweeper.run(stop), name="expiry-sweeper")]
+        app.state.sweeper_task = tasks[0]
+        if settings.worker_in_process:
+            worker = WriteBehindWorker(redis, pg, keys, consumer=f"api-{socket.gethostname()}-{os.getpid()}")
+            await worker.ensure_groups()  # before serving, so the streams and groups exist from the start
+            app.state.worker = worker
+            tasks.append(asyncio.create_task(worker.run(stop), name="write-behind"))
         try:
             yield
         finally:
             stop.set()
-            await app.state.sweeper_task
+            await asyncio.gather(*tasks)
     finally:
         await redis.aclose()
         await pg.close()

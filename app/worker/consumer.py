@@ -1,0 +1,115 @@
+"""The write-behind worker: shard event streams -> PostgreSQL ledger, at least once, written once.
+
+Every shard's stream is read through one consumer group (``GROUP``); each consumer (a worker process or
+an API process running the worker in-process) reads new entries with XREADGROUP, writes them in one
+transaction, and XACKs only after the commit. A consumer that dies leaves its entries pending; any live
+consumer takes them over with XAUTOCLAIM once they have been idle for ``claim_idle_ms``. Writes are
+idempotent by event id, so a redelivered entry is never written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from app.stock.keys import KeySpace
+from app.worker.ledger import StreamEvent, persist_events
+
+log = logging.getLogger(__name__)
+
+GROUP = "stockhold-writer"
+
+
+class WriteBehindWorker:
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        keys: KeySpace,
+        consumer: str,
+        batch: int = 500,
+        block_ms: int = 100,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self.redis = redis
+        self.pg = pg
+        self.keys = keys
+        self.consumer = consumer
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.persisted_total = 0
+        self._stream_shard = {keys.events(s): s for s in keys.all_shards()}
+
+    async def ensure_groups(self) -> None:
+        """Creates the group on every shard stream (from the stream's start, so events emitted before the
+        first worker ran are persisted too). Idempotent."""
+        for stream in self._stream_shard:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+
+    async def step(self) -> int:
+        """Reads up to `batch` new entries per shard, persists them in one transaction, then XACKs them.
+        Returns the number of entries handled (0 when the streams were idle for `block_ms`)."""
+        reply: Any = await self.redis.xreadgroup(  # RESP2: [[stream, [(id, fields), ...]], ...]
+            GROUP,
+            self.consumer,
+            dict.fromkeys(self._stream_shard, ">"),
+            count=self.batch,
+            block=self.block_ms,
+        )
+        events = [
+            StreamEvent(self._stream_shard[stream], event_id, fields)
+            for stream, entries in reply or []
+            for event_id, fields in entries
+        ]
+        return await self._persist_and_ack(events)
+
+    async def reclaim(self) -> int:
+        """Takes over entries another consumer left pending for longer than `claim_idle_ms`, persists
+        and acknowledges them. Returns the number of entries handled."""
+        events: list[StreamEvent] = []
+        for stream, shard in self._stream_shard.items():
+            reply = await self.redis.xautoclaim(
+                stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
+            )
+            events += [StreamEvent(shard, event_id, fields) for event_id, fields in reply[1] if fields]
+        return await self._persist_and_ack(events)
+
+    async def _persist_and_ack(self, events: list[StreamEvent]) -> int:
+        if not events:
+            return 0
+        async with self.pg.acquire() as conn, conn.transaction():
+            self.persisted_total += await persist_events(conn, events)
+        # Only after the commit: a crash before this line redelivers the batch, written once regardless.
+        by_stream: dict[str, list[str]] = {}
+        for event in events:
+            by_stream.setdefault(self.keys.events(event.shard), []).append(event.event_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+            await pipe.execute()
+        return len(events)
+
+    async def run(self, stop: asyncio.Event, reclaim_every_s: float = 5.0) -> None:
+        """Consumes until `stop` is set; a failing step (PostgreSQL or Redis away) is retried after a
+        pause, its entries staying pending until a step succeeds."""
+        await self.ensure_groups()
+        loop = asyncio.get_running_loop()
+        next_reclaim = loop.time()
+        while not stop.is_set():
+            try:
+                if loop.time() >= next_reclaim:
+                    await self.reclaim()
+                    next_reclaim = loop.time() + reclaim_every_s
+                await self.step()
+            except Exception:
+                log.exception("write-behind step failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
