@@ -127,7 +127,8 @@ class StockService:
                 self._idem_ttl,
             ],
         )
-        self._raise_catalogue_error(reply, sku)
+        if int(reply[0]) < 0:
+            raise _script_error(int(reply[0]), reply, sku=sku)
         return _sku_state(sku, reply[1:]), int(reply[0]) == 1
 
     async def adjust(
@@ -148,7 +149,8 @@ class StockService:
                 self._idem_ttl,
             ],
         )
-        self._raise_catalogue_error(reply, sku)
+        if int(reply[0]) < 0:
+            raise _script_error(int(reply[0]), reply, sku=sku)
         return _sku_state(sku, reply[1:])
 
     async def get_sku(self, tenant: str, sku: str) -> SkuState:
@@ -325,12 +327,6 @@ class StockService:
         if idem is None:
             return self.keys.idempotency(shard, tenant, "-", "-")
         return self.keys.idempotency(shard, tenant, idem.scope, idem.key)
-
-    @staticmethod
-    def _raise_catalogue_error(reply: list[Any], sku: str) -> None:
-        code = int(reply[0])
-        if code < 0:
-            raise _script_error(code, reply, sku=sku)
 
     def _group(self, tenant: str, items: Sequence[ReservationItem]) -> list[_Part]:
         by_shard: dict[int, list[tuple[int, ReservationItem]]] = {}

@@ -30,8 +30,6 @@ class ExpirySweeper:
         self.keys = keys
         self.interval = interval_ms / 1000
         self.batch = batch
-        self.expired_total = 0
-        self.runs = 0
 
     async def sweep_once(self, now: int | None = None) -> int:
         """One pass over every shard; returns the number of holds expired."""
@@ -52,8 +50,8 @@ class ExpirySweeper:
                         # field names and tenant only: the home part also holds the (larger) document
                         pipe.hkeys(self.keys.reservation(shard, rid))
                         pipe.hget(self.keys.reservation(shard, rid), "t")
-                replies = iter(await pipe.execute())
-                parts = iter([(fields, next(replies)) for fields in replies])
+                replies = await pipe.execute()
+                parts = iter(zip(replies[0::2], replies[1::2], strict=True))  # (field names, tenant)
             again = []
             for shard, ids in due.items():
                 reply = await self._expire(shard, ids, [next(parts) for _ in ids], now)
@@ -63,8 +61,6 @@ class ExpirySweeper:
                 if len(ids) == self.batch and int(reply[0]) > 0:
                     again.append(shard)
             shards = again
-        self.runs += 1
-        self.expired_total += expired
         return expired
 
     async def _expire(self, shard: int, ids: list[str], parts: list[tuple[list[str], str | None]], now: int) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -34,12 +35,6 @@ async def readyz(request: Request) -> Response:
         checks["postgres"] = f"failed: {type(exc).__name__}"
     checks["sweeper"] = "ok" if state.sweeper_task is not None and not state.sweeper_task.done() else "stopped"
     if all(v == "ok" for v in checks.values()):
-        return Response(b'{"status":"ready","checks":' + _json(checks) + b"}", media_type="application/json")
+        return Response(orjson.dumps({"status": "ready", "checks": checks}), media_type="application/json")
     failing = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
     return problem(503, "not_ready", "Service not ready", f"not ready: {failing}", request.url.path, checks=checks)
-
-
-def _json(value: dict[str, str]) -> bytes:
-    import orjson
-
-    return orjson.dumps(value)
