@@ -1,16 +1,25 @@
-"""The `stockhold` command (typer): serve, migrate, worker."""
+"""The `stockhold` command (typer): serve, migrate, worker, rebuild, reconcile, status."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 import uvicorn
 
-from app.config import get_settings
+if TYPE_CHECKING:
+    import asyncpg
+    from redis.asyncio import Redis
+
+    from app.stock.keys import KeySpace
+
+from app.config import Settings, get_settings
 from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
 
 app = typer.Typer(help="stockhold: stock reservations that never oversell.", no_args_is_help=True)
@@ -82,42 +91,177 @@ def migrate() -> None:
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema up to date")
 
 
-@app.command()
-def worker(
-    name: str = typer.Option(None, help="Consumer name in the group (default: host-pid); unique per process"),
-) -> None:
-    """Run a write-behind worker: shard event streams -> PostgreSQL ledger (stop with Ctrl-C)."""
-    import signal
-    import socket
+T = TypeVar("T")
 
+
+@dataclass
+class _Stores:
+    settings: Settings
+    redis: Redis
+    pg: asyncpg.Pool
+    keys: KeySpace
+
+
+@asynccontextmanager
+async def _stores(pool_size: int = 8) -> AsyncIterator[_Stores]:
+    """Redis and PostgreSQL from REDIS_URL / DATABASE_URL (migrated), for the commands beside `serve`."""
     from app.stock.keys import KeySpace
     from app.store.postgres import apply_migrations, create_pool
     from app.store.redis import connect_redis
+
+    settings = get_settings()
+    if not settings.redis_url or not settings.database_url:
+        raise typer.BadParameter("REDIS_URL and DATABASE_URL must be set (the servers `stockhold serve` uses)")
+    redis = connect_redis(settings.redis_url, pool_size=pool_size)
+    pg = await create_pool(settings.database_url, max_size=4)
+    try:
+        await apply_migrations(pg)
+        yield _Stores(settings, redis, pg, KeySpace(settings.shard_count))
+    finally:
+        await redis.aclose()
+        await pg.close()
+
+
+def _run(body: Callable[[_Stores], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with _stores() as stores:
+            return await body(stores)
+
+    return asyncio.run(main())
+
+
+@app.command()
+def worker(
+    name: str = typer.Option(None, help="Consumer name in the group (default: host-pid); unique per process"),
+    batch: int = typer.Option(500, min=1, max=10_000, help="Most entries read per shard per step"),
+    claim_idle_ms: int = typer.Option(
+        30_000, min=100, help="Take over entries another worker left unacknowledged for this long"
+    ),
+) -> None:
+    """Run a write-behind worker: shard event streams -> PostgreSQL (stop with Ctrl-C). Also rebuilds
+    shards that lost their data when STOCKHOLD_AUTO_REBUILD is on."""
+    import signal
+    import socket
+
+    from app.recovery.rebuild import Rebuilder
+    from app.recovery.watch import ReadinessWatch
     from app.worker.consumer import WriteBehindWorker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = get_settings()
-    if not settings.redis_url or not settings.database_url:
-        raise typer.BadParameter("REDIS_URL and DATABASE_URL must be set for a separate worker")
 
-    async def run() -> None:
-        assert settings.redis_url and settings.database_url
-        redis = connect_redis(settings.redis_url, pool_size=8)
-        pg = await create_pool(settings.database_url, max_size=4)
-        try:
-            await apply_migrations(pg)
-            consumer = name or f"worker-{socket.gethostname()}-{os.getpid()}"
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            typer.echo(f"write-behind worker {consumer} running")
-            await WriteBehindWorker(redis, pg, KeySpace(settings.shard_count), consumer).run(stop)
-        finally:
-            await redis.aclose()
-            await pg.close()
+    async def body(s: _Stores) -> None:
+        consumer = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        worker = WriteBehindWorker(s.redis, s.pg, s.keys, consumer, batch=batch, claim_idle_ms=claim_idle_ms)
+        watch = ReadinessWatch(Rebuilder(s.redis, s.pg, s.keys), auto_rebuild=s.settings.auto_rebuild)
+        typer.echo(f"write-behind worker {consumer} running")
+        await asyncio.gather(worker.run(stop), watch.run(stop))
 
-    asyncio.run(run())
+    _run(body)
+
+
+@app.command()
+def rebuild(
+    shard: list[int] = typer.Option(None, help="Rebuild only this shard (repeatable); default: every shard"),
+    only_missing: bool = typer.Option(
+        False, "--only-missing", help="Only shards without their ready marker (what the automatic rebuild does)"
+    ),
+) -> None:
+    """Reload Redis from PostgreSQL: counters, live holds with their deadlines, per-user counts.
+
+    Each shard answers not_ready while it is rebuilt; events still in its stream are persisted first."""
+    from app.recovery.rebuild import Rebuilder
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def body(s: _Stores) -> list[int]:
+        rebuilder = Rebuilder(s.redis, s.pg, s.keys)
+        if only_missing:
+            return await rebuilder.rebuild()
+        return await rebuilder.rebuild(shard or list(s.keys.all_shards()), force=True)
+
+    done = _run(body)
+    typer.echo(f"rebuilt shards: {', '.join(map(str, done))}" if done else "nothing to rebuild")
+
+
+@app.command()
+def reconcile(
+    repair: bool = typer.Option(False, "--repair", help="Rebuild the shards that drift from PostgreSQL"),
+) -> None:
+    """Compare Redis with PostgreSQL per SKU; print any drift. Exit code 1 while drift remains."""
+    from app.recovery.rebuild import Rebuilder
+    from app.recovery.reconcile import Drift, compare
+
+    def table(drift: list[Drift]) -> str:
+        rows = [("shard", "tenant", "sku", "field", "redis", "postgresql")]
+        rows += [(str(d.shard), d.tenant, d.sku, d.field, d.redis, d.postgres) for d in drift]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+    async def body(s: _Stores) -> list[Drift]:
+        drift = await compare(s.redis, s.pg, s.keys)
+        if not drift:
+            typer.echo("no drift: Redis matches PostgreSQL for every SKU")
+            return []
+        typer.echo(f"drift on {len({(d.tenant, d.sku) for d in drift})} SKU(s):\n{table(drift)}")
+        if not repair:
+            return drift
+        shards = sorted({d.shard for d in drift})
+        await Rebuilder(s.redis, s.pg, s.keys).rebuild(shards, force=True)
+        remaining = await compare(s.redis, s.pg, s.keys)
+        typer.echo(f"repaired: rebuilt shards {shards} from PostgreSQL; drift left: {len(remaining)}")
+        if remaining:
+            typer.echo(table(remaining))
+        return remaining
+
+    if _run(body):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def status() -> None:
+    """The write-behind pipeline per shard: stream length, pending, undelivered, oldest unpersisted event."""
+    from app.worker.status import ShardStatus, pipeline_status
+
+    async def body(s: _Stores) -> list[ShardStatus]:
+        return await pipeline_status(s.redis, s.pg, s.keys)
+
+    rows = _run(body)
+    head = (
+        "shard",
+        "ready",
+        "stream",
+        "pending",
+        "undelivered",
+        "oldest_unpersisted_s",
+        "persisted",
+        "last_persisted_id",
+    )
+    lines = [head] + [
+        (
+            str(r.shard),
+            "yes" if r.ready else "NO",
+            str(r.backlog.length),
+            str(r.backlog.pending),
+            str(r.backlog.undelivered),
+            f"{r.oldest_unpersisted_age_s:.3f}",
+            "?" if r.persisted_total is None else str(r.persisted_total),
+            r.last_persisted_id or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        typer.echo("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    waiting = sum(r.backlog.unpersisted for r in rows)
+    oldest = max((r.oldest_unpersisted_age_s for r in rows), default=0.0)
+    typer.echo(
+        f"total: {waiting} events not yet in PostgreSQL, oldest {oldest:.3f}s; shards not ready: "
+        f"{[r.shard for r in rows if not r.ready] or 'none'}"
+    )
 
 
 if __name__ == "__main__":

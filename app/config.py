@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # running `stockhold worker` processes separately.
     worker_in_process: bool = Field(default=True, validation_alias="STOCKHOLD_WORKER_IN_PROCESS")
 
+    # Rebuild shards whose ready marker is gone (Redis lost its data) from PostgreSQL as soon as a process
+    # notices (checked every 0.5 s), so an outage lasts seconds. False: stay not_ready until an operator
+    # runs `stockhold rebuild`.
+    auto_rebuild: bool = Field(default=True, validation_alias="STOCKHOLD_AUTO_REBUILD")
+
     # Tenant used until API keys arrive: every key and event already carries a tenant.
     default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
 

@@ -1,6 +1,7 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
-scripts and starts the expiry sweeper (and, unless STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind
-worker); routes stay thin and translate domain errors to problem+json."""
+scripts, rebuilds any shard that lost its data (recovery before serving), and starts the expiry sweeper,
+the readiness watch (and, unless STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker); routes stay
+thin and translate domain errors to problem+json."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from fastapi import FastAPI
 
 from app.api.body_guard import BodyGuard
 from app.api.problems import install_problem_handlers
-from app.api.routes import ops, reservations, skus
+from app.api.routes import metrics, ops, reservations, skus
 from app.config import Settings, get_settings
+from app.recovery.rebuild import Rebuilder
+from app.recovery.watch import ReadinessWatch
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
 from app.stock.service import StockService
@@ -25,6 +28,7 @@ from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
 from app.worker.consumer import WriteBehindWorker
+from app.worker.ledger import PostgresLedger
 
 log = logging.getLogger("stockhold")
 
@@ -42,12 +46,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await scripts.load()
         keys = KeySpace(settings.shard_count)
         sweeper = ExpirySweeper(redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch)
+        watch = ReadinessWatch(Rebuilder(redis, pg, keys), auto_rebuild=settings.auto_rebuild)
         stop = asyncio.Event()
-        app.state.redis, app.state.pg, app.state.scripts = redis, pg, scripts
-        app.state.service = StockService(redis, scripts, keys, settings.idempotency_ttl_seconds)
+        app.state.redis, app.state.pg, app.state.scripts, app.state.keys = redis, pg, scripts, keys
+        app.state.service = StockService(
+            redis, scripts, keys, PostgresLedger(pg), idempotency_ttl_seconds=settings.idempotency_ttl_seconds
+        )
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
-        app.state.sweeper = sweeper
-        tasks = [asyncio.create_task(sweeper.run(stop), name="expiry-sweeper")]
+        app.state.sweeper, app.state.watch = sweeper, watch
+        await watch.check_once()  # recovery before serving: rebuild what Redis lost (when automatic)
+        tasks = [
+            asyncio.create_task(sweeper.run(stop), name="expiry-sweeper"),
+            asyncio.create_task(watch.run(stop), name="readiness-watch"),
+        ]
         app.state.sweeper_task = tasks[0]
         if settings.worker_in_process:
             worker = WriteBehindWorker(redis, pg, keys, consumer=f"api-{socket.gethostname()}-{os.getpid()}")
@@ -78,5 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(skus.router)
     app.include_router(reservations.router)
     app.include_router(ops.router)
+    app.include_router(metrics.router)
+    app.state.gauges = metrics.PipelineGauges()
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     return app

@@ -8,10 +8,11 @@
   between, or expired by another sweeper, is left alone. Index entries whose part is gone or no longer
   held are removed. The batch size bounds how long one call blocks Redis.
 
-  Input (variable key count: 2 + per reservation (1 + 2 per line)):
+  Input (variable key count: 2 + per reservation (1 + 2 per line) + 1):
     KEYS[1]   shard expiry index              sh:{s}:expiry
     KEYS[2]   shard event stream              sh:{s}:events
     then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash
+    last      shard ready marker              sh:{s}:ready
 
     ARGV[1]   now, ms since the epoch
     ARGV[2]   number of reservations r
@@ -20,9 +21,14 @@
   Output:
     {expired, skipped}   parts expired (events 'expired' per held line, 'lapsed' per line that held
                          nothing) and index entries skipped or dropped
+    {-10}                NOT_READY: the shard awaits a rebuild
 ]]
 --@include common
+--@include ready
 
+if not shard_ready(KEYS[#KEYS]) then
+  return {-10}
+end
 local expiry, stream = KEYS[1], KEYS[2]
 local now, count = tonumber(ARGV[1]), tonumber(ARGV[2])
 local a, k = 3, 3
@@ -47,9 +53,9 @@ for _ = 1, count do
       if st == 'held' and line[2] == '1' then
         local held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
-        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now)
+        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now, {'st', 'expired'})
       else
-        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now)
+        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now, {'st', 'expired'})
       end
     end
     redis.call('HSET', part, 'st', 'expired')

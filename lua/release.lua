@@ -6,11 +6,12 @@
   reservation spanning shards whose reserve failed on a later shard, leaving this shard exactly as it
   was before the reserve (counters, per-user units, expiry index).
 
-  Input (variable key count: 3 + 2 per line):
+  Input (variable key count: 4 + 2 per line):
     KEYS[1]     the reservation's part on this shard     sh:{s}:res:<id>
     KEYS[2]     shard expiry index                       sh:{s}:expiry
     KEYS[3]     shard event stream                       sh:{s}:events
     KEYS[2+2i]  line i's SKU hash;  KEYS[3+2i] line i's per-user units hash
+    KEYS[4+2n]  shard ready marker                       sh:{s}:ready (the last key)
 
     ARGV[1] reservation id
     ARGV[2] now, ms since the epoch
@@ -24,10 +25,15 @@
     {1, status}    ALREADY: the part was released or expired; nothing changed
     {-5}           RESERVATION_NOT_FOUND
     {-7}           RESERVATION_CONFIRMED
+    {-10}          NOT_READY: the shard awaits a rebuild
 ]]
 --@include common
 --@include lines
+--@include ready
 
+if not shard_ready(KEYS[#KEYS]) then
+  return {-10}
+end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, now, n, how = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 
@@ -48,16 +54,17 @@ if not lines then
 end
 
 local kind = how == 'undo' and 'undone' or 'released'
+local after = {'st', how == 'undo' and 'undone' or 'released'}
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
   if st == 'held' and l.held then
     local held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now)
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now, after)
   else
     -- the line held nothing (on_payment, or the part was pending or expired): no counter moves
-    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now)
+    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now, after)
   end
 end
 redis.call('ZREM', expiry, id)

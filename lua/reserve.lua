@@ -6,12 +6,13 @@
   pre_reserve and on_order lines are held. Re-running with an id that already has a part here returns
   ALREADY and changes nothing, which makes retries after a crash safe.
 
-  Input (variable key count: 3 + 2 per line):
+  Input (variable key count: 4 + 2 per line):
     KEYS[1]       this reservation's part on the shard   sh:{s}:res:<id>
     KEYS[2]       shard expiry index                     sh:{s}:expiry
     KEYS[3]       shard event stream                     sh:{s}:events
     KEYS[2+2i]    line i's SKU hash                      sh:{s}:sku:<tenant>:<sku>
     KEYS[3+2i]    line i's per-user units hash           sh:{s}:usr:<tenant>:<sku>
+    KEYS[4+2n]    shard ready marker (the last key)      sh:{s}:ready
 
     ARGV[1] reservation id
     ARGV[2] tenant
@@ -34,9 +35,14 @@
     {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
     {-9, i}                      DUPLICATE_LINE: line i names a SKU an earlier line named (lines must be
                                  distinct; the API refuses such requests before they get here)
+    {-10}                        NOT_READY: the shard awaits a rebuild; nothing changed
 ]]
 --@include common
+--@include ready
 
+if not shard_ready(KEYS[#KEYS]) then
+  return {-10}
+end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, tenant, user, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[7])
@@ -107,12 +113,17 @@ for i = 1, n do
   fields[#fields + 1] = l.qty
   fields[#fields + 1] = 'h:' .. l.sku
   fields[#fields + 1] = held_line and 1 or 0
+  local after = {'st', status, 'exp', deadline}
+  if i == 1 and ARGV[6] ~= '' then
+    after[#after + 1] = 'doc'
+    after[#after + 1] = ARGV[6]
+  end
   if held_line then
     local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
     add_user_units(l.user_key, user, l.qty)
-    emit(stream, 'held', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now, {'exp', deadline})
+    emit(stream, 'held', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now, after)
   else
-    emit(stream, 'pending', tenant, l.sku, l.qty, id, user, l.s.on_hand, l.s.held, l.s.sold, now)
+    emit(stream, 'pending', tenant, l.sku, l.qty, id, user, l.s.on_hand, l.s.held, l.s.sold, now, after)
   end
 end
 if ARGV[6] ~= '' then

@@ -6,7 +6,7 @@
   if its deadline has passed). A part confirmed by direct deduction goes back to its previous status
   (expired or pending) and returns the units.
 
-  Input (variable key count: 3 + 2 per line): as confirm.lua.
+  Input (variable key count: 4 + 2 per line, the ready marker last): as confirm.lua.
     ARGV[1] reservation id; ARGV[2] now (ms); ARGV[3] number of lines n; ARGV[3+i] line i's sku
 
   Output:
@@ -14,10 +14,15 @@
                     deduction returned) per line
     {1, status}     nothing to revert (the part is not confirmed)
     {-5}            RESERVATION_NOT_FOUND
+    {-10}           NOT_READY: the shard awaits a rebuild
 ]]
 --@include common
 --@include lines
+--@include ready
 
+if not shard_ready(KEYS[#KEYS]) then
+  return {-10}
+end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
@@ -34,20 +39,21 @@ if not lines then
   return {-5}
 end
 
+local after = {'st', previous}
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
   local sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
   if how == 'h' and l.held then
     local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
-    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now)
+    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now, after)
   else
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now)
+    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now, after)
   end
 end
 redis.call('HSET', part, 'st', previous)
-redis.call('HDEL', part, 'pst', 'cf')
+redis.call('HDEL', part, 'pst', 'cf', 'ce')
 if previous == 'held' and deadline > 0 then
   redis.call('ZADD', expiry, deadline, id)
 end

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
@@ -24,11 +25,15 @@ from app.stock.keys import KeySpace
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
 from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.worker.ledger import PostgresLedger
+from tests.helpers import mark_ready
 
 TENANT = "default"
 SHARDS = 16
+STATE_TABLES = ("stock_movement", "sku", "reservation", "reservation_line", "worker_progress")
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,30 @@ def settings(servers: Servers) -> Settings:
 
 @pytest_asyncio.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A flushed Redis whose shards are marked rebuilt (a fresh install)."""
     assert settings.redis_url
     client = connect_redis(settings.redis_url, pool_size=256)
     await client.flushdb()
+    await mark_ready(client, KeySpace(SHARDS))
     yield client
     await client.aclose()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pg_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """One migrated pool for the session. Tests reading PostgreSQL's state take `pg` (emptied first)."""
+    assert settings.database_url
+    pool = await create_pool(settings.database_url, max_size=8)
+    await apply_migrations(pool)
+    yield pool
+    await pool.close()
+
+
+@pytest_asyncio.fixture
+async def pg(pg_pool: asyncpg.Pool) -> asyncpg.Pool:
+    """PostgreSQL with no stock state: the ledger and every projection emptied."""
+    await pg_pool.execute(f"TRUNCATE {', '.join(STATE_TABLES)}")
+    return pg_pool
 
 
 @pytest_asyncio.fixture
@@ -97,8 +121,8 @@ def keys() -> KeySpace:
 
 
 @pytest.fixture
-def service(redis: Redis, scripts: Scripts, keys: KeySpace) -> StockService:
-    return StockService(redis, scripts, keys, idempotency_ttl_seconds=3600)
+def service(redis: Redis, scripts: Scripts, keys: KeySpace, pg_pool: asyncpg.Pool) -> StockService:
+    return StockService(redis, scripts, keys, PostgresLedger(pg_pool), idempotency_ttl_seconds=3600)
 
 
 @pytest.fixture

@@ -7,6 +7,17 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from app.stock.keys import KeySpace
+
+
+async def mark_ready(redis: Redis, keys: KeySpace) -> None:
+    """Marks every shard rebuilt, as a rebuild from an empty PostgreSQL would: the state of a fresh
+    install. (Only app/recovery/rebuild.py writes markers in the service.)"""
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in keys.all_shards():
+            pipe.set(keys.ready(shard), '{"source": "tests"}')
+        await pipe.execute()
+
 
 async def snapshot(redis: Redis) -> dict[str, Any]:
     """Everything in the test database, by key: a request that must change nothing leaves this equal."""
@@ -18,8 +29,9 @@ async def snapshot(redis: Redis) -> dict[str, Any]:
         elif kind == "zset":
             state[key] = await redis.zrange(key, 0, -1, withscores=True)
         elif kind == "stream":
+            # what was ever added, not the length: the worker trims persisted entries at any moment
             info = await redis.xinfo_stream(key)
-            state[key] = (info["length"], info["last-generated-id"])
+            state[key] = (info["entries-added"], info["last-generated-id"])
         elif kind == "string":
             state[key] = await redis.get(key)
         else:

@@ -31,6 +31,7 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.IdempotencyConflict: 422,
     errors.ReservationBusy: 409,
     errors.NotReady: 503,
+    errors.LedgerUnavailable: 503,
 }
 
 _HTTP_CODES = {
@@ -56,7 +57,11 @@ def problem(status: int, code: str, title: str, detail: str, instance: str | Non
 
 
 def from_stock_error(exc: errors.StockError, instance: str | None = None) -> Response:
-    return problem(STATUS_BY_ERROR.get(type(exc), 400), exc.code, exc.title, exc.detail, instance, **exc.extra)
+    status = STATUS_BY_ERROR.get(type(exc), 400)
+    response = problem(status, exc.code, exc.title, exc.detail, instance, **exc.extra)
+    if status == 503:
+        response.headers["Retry-After"] = "1"  # a rebuild or PostgreSQL's return: worth retrying soon
+    return response
 
 
 def validation_problem(

@@ -19,6 +19,7 @@ class ScriptCode(IntEnum):
     RESERVATION_CONFIRMED = -7
     IDEMPOTENCY_CONFLICT = -8
     DUPLICATE_LINE = -9  # a caller bug (the API refuses duplicated SKUs): surfaces as an unexpected reply
+    NOT_READY = -10  # the shard has no ready marker: Redis lost its data and it awaits a rebuild
 
 
 class StockError(Exception):
@@ -79,3 +80,10 @@ class ReservationBusy(StockError):
 class NotReady(StockError):
     code = "not_ready"
     title = "Service not ready"
+
+
+class LedgerUnavailable(StockError):
+    """A confirmation could not be written to PostgreSQL, so it was not made (or not yet acknowledged)."""
+
+    code = "ledger_unavailable"
+    title = "System of record unavailable"

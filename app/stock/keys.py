@@ -13,6 +13,9 @@ Layout (``s`` = shard number)::
     sh:{s}:events                 STREAM every stock change, XADDed by the script that made it
     sh:{s}:idem:<tenant>:<digest> HASH  an Idempotency-Key's fingerprint and first answer
     sh:{s}:lease:<reservation_id> STRING who is operating on a reservation spanning shards (on its home shard)
+    sh:{s}:ready                  STRING the shard was rebuilt from PostgreSQL (when, JSON); stock scripts refuse
+                                         to run without it, so an emptied Redis never sells from nothing
+    sh:{s}:rebuilding             STRING lock held by the process rebuilding the shard
 """
 
 from __future__ import annotations
@@ -62,6 +65,27 @@ class KeySpace:
 
     def lease(self, shard: int, reservation_id: str) -> str:
         return f"{self._tag(shard)}:lease:{reservation_id}"
+
+    def ready(self, shard: int) -> str:
+        return f"{self._tag(shard)}:ready"
+
+    def rebuild_lock(self, shard: int) -> str:
+        return f"{self._tag(shard)}:rebuilding"
+
+    def shard_pattern(self, shard: int) -> str:
+        """A SCAN pattern for every key of one shard (braces are literal in Redis glob patterns)."""
+        return f"{self._tag(shard)}:*"
+
+    def rebuilt_from_postgres(self, shard: int, key: str) -> bool:
+        """Whether a rebuild replaces this key of the shard: stock state (SKUs, per-user units,
+        reservation parts, expiry index, ready marker) yes; the event stream (it may hold events not yet
+        persisted), idempotency records, leases and the rebuild lock no."""
+        tag = self._tag(shard)
+        return (
+            key == self.expiry(shard)
+            or key == self.ready(shard)
+            or key.startswith((f"{tag}:sku:", f"{tag}:usr:", f"{tag}:res:"))
+        )
 
     def all_shards(self) -> range:
         return range(self.shard_count)

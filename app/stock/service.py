@@ -6,6 +6,13 @@ later shard refuses, the shards already done are undone by compensation (release
 the reservation is all-or-nothing. Confirm spans shards the same way, undone by revert_confirm.lua.
 Shards are always visited in the same order (the order of the reservation's first line per shard), so
 two concurrent operations on one reservation meet on its home shard first.
+
+A confirmation is durable before it is answered: the events confirm.lua emitted are written through to
+the SaleLedger (PostgreSQL) in one transaction; if that fails, the confirm is reverted and refused with
+LedgerUnavailable, so the hold stays as it was. Holds and releases are write-behind (the worker).
+
+Every script refuses to run on a shard without its ready marker (NOT_READY), and reads check it too:
+a Redis that lost its data answers not_ready until it is rebuilt from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from app.stock.errors import (
     IdempotencyConflict,
     InsufficientStock,
     LimitExceeded,
+    NotReady,
     ReservationBusy,
     ReservationConfirmed,
     ReservationNotFound,
@@ -35,6 +43,7 @@ from app.stock.errors import (
     StockConflict,
     StockError,
 )
+from app.stock.events import ReservationRecord, SaleLedger, parse_entries
 from app.stock.idempotency import IdempotencyRequest
 from app.stock.keys import KeySpace
 from app.stock.reservation_ids import home_shard_of, new_reservation_id
@@ -97,10 +106,13 @@ class _Loaded:
 
 
 class StockService:
-    def __init__(self, redis: Redis, scripts: Scripts, keys: KeySpace, idempotency_ttl_seconds: int) -> None:
+    def __init__(
+        self, redis: Redis, scripts: Scripts, keys: KeySpace, ledger: SaleLedger, idempotency_ttl_seconds: int
+    ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
+        self.ledger = ledger
         self._idem_ttl = idempotency_ttl_seconds
 
     # -- catalogue ------------------------------------------------------------------------------------
@@ -108,12 +120,17 @@ class StockService:
     async def put_sku(
         self, tenant: str, sku: str, settings: SkuSettings, idem: IdempotencyRequest | None = None
     ) -> tuple[SkuState, bool]:
-        """Creates or updates a SKU; atomic with its event and its idempotency record (set_sku-3.lua).
+        """Creates or updates a SKU; atomic with its event and its idempotency record (set_sku-4.lua).
         Returns the state and whether the SKU was created."""
         shard = self.keys.shard_of(tenant, sku)
         reply = await self.scripts.call(
             "set_sku",
-            [self.keys.sku(shard, tenant, sku), self.keys.events(shard), self._idem_key(shard, tenant, idem)],
+            [
+                self.keys.sku(shard, tenant, sku),
+                self.keys.events(shard),
+                self._idem_key(shard, tenant, idem),
+                self.keys.ready(shard),
+            ],
             [
                 tenant,
                 sku,
@@ -128,17 +145,22 @@ class StockService:
             ],
         )
         if int(reply[0]) < 0:
-            raise _script_error(int(reply[0]), reply, sku=sku)
+            raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
         return _sku_state(sku, reply[1:]), int(reply[0]) == 1
 
     async def adjust(
         self, tenant: str, sku: str, adjustment: Adjustment, idem: IdempotencyRequest | None = None
     ) -> SkuState:
-        """Restocks or shrinks on_hand by a delta; atomic with its event (adjust_stock-3.lua)."""
+        """Restocks or shrinks on_hand by a delta; atomic with its event (adjust_stock-4.lua)."""
         shard = self.keys.shard_of(tenant, sku)
         reply = await self.scripts.call(
             "adjust_stock",
-            [self.keys.sku(shard, tenant, sku), self.keys.events(shard), self._idem_key(shard, tenant, idem)],
+            [
+                self.keys.sku(shard, tenant, sku),
+                self.keys.events(shard),
+                self._idem_key(shard, tenant, idem),
+                self.keys.ready(shard),
+            ],
             [
                 tenant,
                 sku,
@@ -150,15 +172,20 @@ class StockService:
             ],
         )
         if int(reply[0]) < 0:
-            raise _script_error(int(reply[0]), reply, sku=sku)
+            raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
         return _sku_state(sku, reply[1:])
 
     async def get_sku(self, tenant: str, sku: str) -> SkuState:
         shard = self.keys.shard_of(tenant, sku)
-        values = await self.redis.hmget(
-            self.keys.sku(shard, tenant, sku),
-            ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"],
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.ready(shard))
+            pipe.hmget(
+                self.keys.sku(shard, tenant, sku),
+                ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"],
+            )
+            ready, values = await pipe.execute()
+        if not ready:
+            raise _not_ready(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
         return _sku_state(sku, [values[0], values[1], values[2], values[3], values[4], values[5], values[6]])
@@ -262,6 +289,7 @@ class StockService:
         rid, tenant, now = loaded.reservation_id, loaded.tenant, now_ms()
         confirmed_now: list[_Part] = []
         already = False
+        emitted: list[tuple[int, str, str]] = []  # (shard, first, last) event ids of each part's confirm
         try:
             for part in loaded.parts:
                 reply = await self._call_part("confirm", tenant, rid, part, [rid, now])
@@ -272,16 +300,45 @@ class StockService:
                     already = True
                 else:
                     confirmed_now.append(part)
+                if len(reply) > 3 and reply[2]:
+                    emitted.append((part.shard, str(reply[2]), str(reply[3])))
+            await self._write_through(loaded, emitted)
         except BaseException as exc:
             undo = list(confirmed_now)
-            if not isinstance(exc, StockError) and not already:
+            if not isinstance(exc, StockError) and not already and len(confirmed_now) < len(loaded.parts):
                 # the failing call's outcome is unknown; with no part confirmed before this call,
                 # reverting it is safe (reverting a part that is not confirmed changes nothing)
                 undo.append(loaded.parts[len(confirmed_now)])
+            # Parts an earlier call confirmed stay confirmed: their events reach PostgreSQL through the
+            # worker, and a retry answers 200 once they are there.
             for part in reversed(undo):
                 await self._call_part("revert_confirm", tenant, rid, part, [rid, now])
             raise
         return _to_reservation(loaded, [ReservationStatus.CONFIRMED])
+
+    async def _write_through(self, loaded: _Loaded, emitted: list[tuple[int, str, str]]) -> None:
+        """Makes the confirmation durable: the events each part's confirm emitted (read back by id, one
+        pipelined XRANGE per part) go to the SaleLedger in one transaction. An empty range means the
+        worker already persisted them and trimmed the stream: they are durable already."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard, first, last in emitted:
+                pipe.xrange(self.keys.events(shard), min=first, max=last)
+            ranges = await pipe.execute()
+        events = [
+            e for (shard, _, _), entries in zip(emitted, ranges, strict=True) for e in parse_entries(shard, entries)
+        ]
+        if not events:
+            return
+        record = ReservationRecord(
+            id=loaded.reservation_id,
+            tenant=loaded.tenant,
+            user_id=loaded.user_id,
+            items=[item.model_dump() for item in loaded.items],
+            channel=loaded.channel,
+            created_at_ms=loaded.created_at,
+            expires_at_ms=loaded.deadline,
+        )
+        await self.ledger.record_confirmation(events, record)
 
     async def release(self, tenant: str, reservation_id: str) -> Reservation:
         """The buyer cancels: release.lua on every part (idempotent; a confirmed reservation is refused)."""
@@ -373,6 +430,7 @@ class StockService:
             args.append(item.sku)
             if with_quantities:
                 args.append(item.quantity)
+        keys.append(self.keys.ready(shard))
         return await self.scripts.call(script, keys, args)
 
     async def _undo(self, tenant: str, rid: str, done: list[_Part], now: int) -> None:
@@ -383,9 +441,12 @@ class StockService:
         home = home_shard_of(reservation_id, self.keys.shard_count)
         if home is None:
             raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
-        st, owner, deadline, created, doc = await self.redis.hmget(
-            self.keys.reservation(home, reservation_id), ["st", "t", "exp", "c", "doc"]
-        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.ready(home))
+            pipe.hmget(self.keys.reservation(home, reservation_id), ["st", "t", "exp", "c", "doc"])
+            ready, (st, owner, deadline, created, doc) = await pipe.execute()
+        if not ready:
+            raise _not_ready(home)
         if st is None or doc is None or owner != tenant:
             raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
         data = orjson.loads(doc)
@@ -438,13 +499,24 @@ def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> R
     )
 
 
-def _script_error(code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "") -> StockError:
+def _not_ready(shard: int) -> NotReady:
+    return NotReady(
+        f"shard {shard} of the stock store lost its data and awaits a rebuild from PostgreSQL; retry shortly",
+        shard=shard,
+    )
+
+
+def _script_error(
+    code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "", shard: int = -1
+) -> StockError:
     """The one place a script's negative reply becomes a domain error; line numbers become SKU names."""
 
     def item(line: Any) -> ReservationItem:
         assert part is not None
         return part.lines[int(line) - 1][1]
 
+    if code == ScriptCode.NOT_READY:
+        return _not_ready(part.shard if part is not None else shard)
     if code == ScriptCode.SKU_NOT_FOUND:
         name = item(reply[1]).sku if part is not None else sku
         return SkuNotFound(f"SKU {name!r} does not exist", sku=name)

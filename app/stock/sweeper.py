@@ -17,6 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app.stock.clock import now_ms
+from app.stock.errors import ScriptCode
 from app.stock.keys import KeySpace
 from app.store.scripts import Scripts
 
@@ -55,6 +56,8 @@ class ExpirySweeper:
             again = []
             for shard, ids in due.items():
                 reply = await self._expire(shard, ids, [next(parts) for _ in ids], now)
+                if int(reply[0]) == ScriptCode.NOT_READY:
+                    continue  # the shard awaits a rebuild, which reloads its deadlines
                 expired += int(reply[0])
                 # A shard that filled a whole batch and made progress may have more due holds: go again
                 # for those only (no progress means the rest waits for the next tick, never a busy loop).
@@ -74,6 +77,7 @@ class ExpirySweeper:
                 keys.append(self.keys.sku(shard, tenant, sku))
                 keys.append(self.keys.user_counts(shard, tenant, sku))
             args += [rid, len(skus), *skus]
+        keys.append(self.keys.ready(shard))
         return await self.scripts.call("expire_holds", keys, args)
 
     async def run(self, stop: asyncio.Event) -> None:

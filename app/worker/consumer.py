@@ -4,7 +4,11 @@ Every shard's stream is read through one consumer group (``GROUP``); each consum
 an API process running the worker in-process) reads new entries with XREADGROUP, writes them in one
 transaction, and XACKs only after the commit. A consumer that dies leaves its entries pending; any live
 consumer takes them over with XAUTOCLAIM once they have been idle for ``claim_idle_ms``. Writes are
-idempotent by event id, so a redelivered entry is never written twice.
+idempotent by event id, so a redelivered entry is never written twice. Every ``trim_every_s`` the
+streams are trimmed below what the group acknowledged (app/worker/backlog.py).
+
+A Redis that lost its data also lost the groups: XREADGROUP answers NOGROUP, and the worker creates
+them again on the new, empty streams.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
-from app.worker.ledger import StreamEvent, persist_events
+from app.worker.backlog import trim_persisted
+from app.worker.ledger import persist_events
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +70,7 @@ class WriteBehindWorker:
             count=self.batch,
             block=self.block_ms,
         )
-        events = [
-            StreamEvent(self._stream_shard[stream], event_id, fields)
-            for stream, entries in reply or []
-            for event_id, fields in entries
-        ]
+        events = [e for stream, entries in reply or [] for e in parse_entries(self._stream_shard[stream], entries)]
         return await self._persist_and_ack(events)
 
     async def reclaim(self) -> int:
@@ -79,14 +81,14 @@ class WriteBehindWorker:
             reply = await self.redis.xautoclaim(
                 stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
             )
-            events += [StreamEvent(shard, event_id, fields) for event_id, fields in reply[1] if fields]
+            events += parse_entries(shard, reply[1])
         return await self._persist_and_ack(events)
 
     async def _persist_and_ack(self, events: list[StreamEvent]) -> int:
         if not events:
             return 0
         async with self.pg.acquire() as conn, conn.transaction():
-            self.persisted_total += await persist_events(conn, events)
+            self.persisted_total += await persist_events(conn, events, progress=True)
         # Only after the commit: a crash before this line redelivers the batch, written once regardless.
         by_stream: dict[str, list[str]] = {}
         for event in events:
@@ -97,19 +99,31 @@ class WriteBehindWorker:
             await pipe.execute()
         return len(events)
 
-    async def run(self, stop: asyncio.Event, reclaim_every_s: float = 5.0) -> None:
+    async def trim(self) -> int:
+        """Trims every shard stream below what the group acknowledged; returns entries removed."""
+        return await trim_persisted(self.redis, self.keys)
+
+    async def run(self, stop: asyncio.Event, reclaim_every_s: float = 5.0, trim_every_s: float = 1.0) -> None:
         """Consumes until `stop` is set; a failing step (PostgreSQL or Redis away) is retried after a
         pause, its entries staying pending until a step succeeds."""
         await self.ensure_groups()
         loop = asyncio.get_running_loop()
-        next_reclaim = loop.time()
+        next_reclaim = next_trim = loop.time()
         while not stop.is_set():
             try:
                 if loop.time() >= next_reclaim:
                     await self.reclaim()
                     next_reclaim = loop.time() + reclaim_every_s
                 await self.step()
-            except Exception:
+                if loop.time() >= next_trim:
+                    await self.trim()
+                    next_trim = loop.time() + trim_every_s
+            except Exception as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    log.warning("consumer group gone (Redis lost its data?); creating it again")
+                    with contextlib.suppress(Exception):
+                        await self.ensure_groups()
+                    continue
                 log.exception("write-behind step failed; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)

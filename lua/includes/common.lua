@@ -42,7 +42,12 @@ end
 --   lapsed       nothing (a line that held nothing passed its reservation's deadline)
 --   unconfirmed  sold -= qty, held += qty                  (compensation of a confirm from a hold)
 --   unsold       sold -= qty, user -= qty                  (compensation of a direct deduction)
--- `extra` is an optional flat list of further field/value pairs.
+-- Events about a reservation also carry `st`, the status of the reservation's part on this shard after
+-- the change (held, pending, confirmed, released, expired, or undone for a part deleted by compensation),
+-- so the ledger knows each part's state without replaying; reserve events add `exp` (the deadline, 0 =
+-- none) and, on the home part's first line, `doc` (the reservation document); confirm events add `pst`
+-- and `cf` (the status before and how it was confirmed: 'h' from a hold, 'd' direct).
+-- `extra` is an optional flat list of further field/value pairs. Returns the stream entry id.
 local function emit(stream, kind, tenant, sku, qty, reservation, user, on_hand, held, sold, now, extra)
   local fields = {'type', kind, 'tenant', tenant, 'sku', sku, 'qty', qty, 'res', reservation, 'user', user,
     'on_hand', on_hand, 'held', held, 'sold', sold, 'at', now}
@@ -51,7 +56,7 @@ local function emit(stream, kind, tenant, sku, qty, reservation, user, on_hand, 
       fields[#fields + 1] = extra[i]
     end
   end
-  redis.call('XADD', stream, '*', unpack(fields))
+  return redis.call('XADD', stream, '*', unpack(fields))
 end
 
 -- Reads the counters and settings of one SKU hash: nil when the SKU does not exist.

@@ -70,7 +70,7 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok", "sweeper": "ok"}
+    assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok", "rebuilt": "ok", "sweeper": "ok"}
     docs = await client.get("/openapi.json")
     assert "/v1/reservations/{reservation_id}/confirm" in docs.json()["paths"]
 

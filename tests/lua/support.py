@@ -1,5 +1,5 @@
 """Direct callers of the Lua scripts for tests/lua: the same KEYS / ARGV layout as StockService._call_part
-and ExpirySweeper._expire, every key name built by KeySpace."""
+and ExpirySweeper._expire (the shard's ready marker last), every key name built by KeySpace."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ async def set_sku(
     shard = keys.shard_of(TENANT, sku)
     return await scripts.call(
         "set_sku",
-        [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku)],
+        [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku), keys.ready(shard)],
         [TENANT, sku, on_hand, safety, mode, ttl, limit, now, fingerprint, IDEM_TTL],
     )
 
@@ -91,7 +91,7 @@ async def adjust(
     shard = keys.shard_of(TENANT, sku)
     return await scripts.call(
         "adjust_stock",
-        [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku)],
+        [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku), keys.ready(shard)],
         [TENANT, sku, delta, now, reason, fingerprint, IDEM_TTL],
     )
 
@@ -102,7 +102,7 @@ def _part_layout(keys: KeySpace, rid: str, skus: Sequence[str]) -> list[str]:
     layout = [keys.reservation(shard, rid), keys.expiry(shard), keys.events(shard)]
     for sku in skus:
         layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
-    return layout
+    return [*layout, keys.ready(shard)]
 
 
 async def reserve(
@@ -151,7 +151,7 @@ async def expire_holds(
         for sku in skus:
             layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
         args += [rid, len(skus), *skus]
-    return await scripts.call("expire_holds", layout, args)
+    return await scripts.call("expire_holds", [*layout, keys.ready(shard)], args)
 
 
 async def claim(scripts: Scripts, record: str, fingerprint: str, ref: str, ttl: int = IDEM_TTL) -> Any:

@@ -43,8 +43,11 @@ async def test_held_part_moves_held_units_to_sold(redis: Redis, scripts: Scripts
     # when
     reply = await confirm(scripts, keys, rid, ["shoe"], now=NOW + 10)
 
-    # then
-    assert reply == [0, "confirmed"]
+    # then: the reply names the events it emitted, for confirm's write-through to PostgreSQL
+    emitted = await redis.xrange(keys.events(shard), min=reply[2], max=reply[3])
+    assert reply[:2] == [0, "confirmed"] and [fields["type"] for _, fields in emitted] == ["confirmed"]
+    assert (await part(redis, keys, rid, "shoe"))["ce"] == f"{reply[2]} {reply[3]}"
+    assert await confirm(scripts, keys, rid, ["shoe"], now=NOW + 11) == [1, "confirmed", reply[2], reply[3]]
     state = await counters(redis, keys, "shoe")
     assert (state.on_hand, state.held, state.sold) == (10, 0, 3)
     assert await user_units(redis, keys, "shoe") == {"ann": 3}  # held + bought: unchanged
@@ -62,6 +65,9 @@ async def test_held_part_moves_held_units_to_sold(redis: Redis, scripts: Scripts
         "held": "0",
         "sold": "3",
         "at": str(NOW + 10),
+        "st": "confirmed",  # the part's status after, for the ledger's projections
+        "pst": "held",
+        "cf": "h",
     }
 
 
@@ -74,7 +80,7 @@ async def test_held_part_deducts_its_on_payment_lines_directly(redis: Redis, scr
     assert (await reserve(scripts, keys, rid, "bob", [(timed, 1), (paid, 2)]))[1] == "held"
 
     # when
-    assert await confirm(scripts, keys, rid, [timed, paid]) == [0, "confirmed"]
+    assert (await confirm(scripts, keys, rid, [timed, paid]))[:2] == [0, "confirmed"]
 
     # then
     assert [(c.held, c.sold) for c in [await counters(redis, keys, s) for s in (timed, paid)]] == [(0, 1), (0, 2)]
@@ -98,7 +104,7 @@ async def test_held_part_past_its_deadline_is_confirmed_from_the_hold(
     reply = await confirm(scripts, keys, rid, ["late"], now=NOW + 3_600_000)
 
     # then the held units are sold (no stock check, no double deduction)
-    assert reply == [0, "confirmed"]
+    assert reply[:2] == [0, "confirmed"]
     state = await counters(redis, keys, "late")
     assert (state.held, state.sold) == (0, 2)
     state.check_invariant()
@@ -110,7 +116,7 @@ async def test_pending_part_is_deducted_directly(redis: Redis, scripts: Scripts,
     rid = new_id(keys, "song")
     assert await reserve(scripts, keys, rid, "dee", [("song", 3)]) == [0, "pending", 0]
 
-    assert await confirm(scripts, keys, rid, ["song"]) == [0, "confirmed"]
+    assert (await confirm(scripts, keys, rid, ["song"]))[:2] == [0, "confirmed"]
 
     state = await counters(redis, keys, "song")
     assert (state.held, state.sold, state.available) == (0, 3, 0)
@@ -132,7 +138,7 @@ async def test_expired_part_is_deducted_directly_without_a_new_hold(
     assert await expire_holds(scripts, keys, shard, [(rid, ["bag"])], now=FAR_FUTURE) == [1, 0]
 
     # when paid after expiry
-    assert await confirm(scripts, keys, rid, ["bag"], now=FAR_FUTURE) == [0, "confirmed"]
+    assert (await confirm(scripts, keys, rid, ["bag"], now=FAR_FUTURE))[:2] == [0, "confirmed"]
 
     # then
     state = await counters(redis, keys, "bag")
@@ -151,7 +157,7 @@ async def test_already_confirmed_changes_nothing(redis: Redis, scripts: Scripts,
     await confirm(scripts, keys, rid, ["hat"])
     before = await snapshot(redis)
 
-    assert await confirm(scripts, keys, rid, ["hat"], now=NOW + 1) == [1, "confirmed"]
+    assert (await confirm(scripts, keys, rid, ["hat"], now=NOW + 1))[:2] == [1, "confirmed"]
 
     assert await snapshot(redis) == before
 
@@ -219,7 +225,7 @@ async def test_limit_exceeded_on_a_direct_deduction(redis: Redis, scripts: Scrip
     first, second = new_id(keys, plain), new_id(keys, plain)
     await reserve(scripts, keys, first, "jo", [(capped, 2)])
     await reserve(scripts, keys, second, "jo", [(plain, 1), (capped, 2)])
-    assert await confirm(scripts, keys, first, [capped]) == [0, "confirmed"]
+    assert (await confirm(scripts, keys, first, [capped]))[:2] == [0, "confirmed"]
     before = await snapshot(redis)
 
     # when the second is paid
@@ -253,7 +259,7 @@ async def test_insufficient_stock_lists_every_short_direct_line(redis: Redis, sc
     late, early = new_id(keys, a), new_id(keys, a)
     await reserve(scripts, keys, late, "lou", [(a, 2), (b, 3), (c, 1)])
     await reserve(scripts, keys, early, "mia", [(a, 1), (b, 2)])
-    assert await confirm(scripts, keys, early, [a, b]) == [0, "confirmed"]
+    assert (await confirm(scripts, keys, early, [a, b]))[:2] == [0, "confirmed"]
     before = await snapshot(redis)
 
     # when
@@ -312,7 +318,7 @@ async def test_concurrent_confirms_of_one_reservation_sell_once(redis: Redis, sc
 
     replies = await asyncio.gather(*(confirm(scripts, keys, rid, [a, b]) for _ in range(100)))
 
-    assert sorted(replies) == [[0, "confirmed"]] + [[1, "confirmed"]] * 99
+    assert sorted(r[:2] for r in replies) == [[0, "confirmed"]] + [[1, "confirmed"]] * 99
     assert [(c.held, c.sold) for c in [await counters(redis, keys, s) for s in (a, b)]] == [(0, 3), (0, 4)]
     kinds = Counter(e["type"] for e in await events(redis, keys, keys.shard_of(TENANT, a)) if e["res"] == rid)
     assert kinds == {"held": 1, "pending": 1, "confirmed": 1, "sold": 1}
@@ -331,7 +337,7 @@ async def test_confirms_racing_the_sweeper_sell_every_unit_once(redis: Redis, sc
     paid, swept = await race([confirm(scripts, keys, rid, ["race"], now=FAR_FUTURE) for rid in ids], sweeps)
 
     # then each unit is sold exactly once: from its hold, or directly after it expired
-    assert paid == [[0, "confirmed"]] * 40
+    assert [r[:2] for r in paid] == [[0, "confirmed"]] * 40
     expired = sum(r[0] for r in swept)
     how = Counter([(await part(redis, keys, rid, "race"))["cf"] for rid in ids])
     assert how["d"] == expired

@@ -62,6 +62,7 @@ async def test_due_hold_is_expired_and_its_units_return(redis: Redis, scripts: S
         "held": "1",
         "sold": "0",
         "at": str(deadline),
+        "st": "expired",
     }
 
 

@@ -65,6 +65,7 @@ async def test_release_gives_held_units_back(redis: Redis, scripts: Scripts, key
         "held": "1",
         "sold": "0",
         "at": str(NOW + 5),
+        "st": "released",
     }
 
 

@@ -69,6 +69,8 @@ async def test_pre_reserve_line_is_held_until_now_plus_ttl(redis: Redis, scripts
         "sold": "0",
         "at": str(NOW),
         "exp": str(deadline),
+        "st": "held",
+        "doc": '{"user_id":"ann"}',  # the home part's first line carries the document
     }
 
 

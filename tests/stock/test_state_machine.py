@@ -54,8 +54,11 @@ from app.stock.schemas import (
 )
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
+from app.store.postgres import create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.worker.ledger import PostgresLedger
+from tests.helpers import mark_ready
 
 T = TypeVar("T")
 
@@ -228,15 +231,19 @@ def request(user: str, items: list[tuple[str, int]]) -> ReservationRequest:
 class StockMachine(RuleBasedStateMachine):
     reservations = Bundle("reservations")
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, database_url: str) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.redis = connect_redis(redis_url, pool_size=16)
+        self.pg = self.run(create_pool(database_url, max_size=2))
         self.keys = KeySpace(SHARDS)
         scripts = Scripts(self.redis)
         self.run(self.redis.flushdb())
+        self.run(mark_ready(self.redis, self.keys))
         self.run(scripts.load())
-        self.service = StockService(self.redis, scripts, self.keys, idempotency_ttl_seconds=3600)
+        self.service = StockService(
+            self.redis, scripts, self.keys, PostgresLedger(self.pg), idempotency_ttl_seconds=3600
+        )
         self.sweeper = ExpirySweeper(self.redis, scripts, self.keys, interval_ms=100, batch=50)
         self.model = Model()
 
@@ -245,6 +252,7 @@ class StockMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         async def close() -> None:
+            await self.pg.close()
             await self.redis.aclose()
             await self.redis.connection_pool.disconnect()
 
@@ -440,10 +448,10 @@ def test_sku_layout_spans_shards() -> None:
 
 
 def test_random_operations_match_the_model(settings: Settings) -> None:
-    redis_url = settings.redis_url
-    assert redis_url
+    redis_url, database_url = settings.redis_url, settings.database_url
+    assert redis_url and database_url
     run_state_machine_as_test(
-        lambda: StockMachine(redis_url),
+        lambda: StockMachine(redis_url, database_url),
         settings=hypothesis.settings(
             max_examples=60,
             stateful_step_count=30,
@@ -464,8 +472,8 @@ def test_releasing_an_expired_reservation_changes_nothing(settings: Settings, on
     """Found by the machine above. A reservation of a pre_reserve SKU and an on_payment SKU expires; releasing
     it must change nothing (it stays `expired`, and paying afterwards still deducts if the stock is there),
     whether or not the two SKUs share a shard."""
-    assert settings.redis_url
-    machine = StockMachine(settings.redis_url)
+    assert settings.redis_url and settings.database_url
+    machine = StockMachine(settings.redis_url, settings.database_url)
     try:
         pre_reserve = SkuSettings(on_hand=1, mode=Mode.PRE_RESERVE, hold_ttl_seconds=SHORT_TTL)
         on_payment = SkuSettings(on_hand=1, mode=Mode.ON_PAYMENT, hold_ttl_seconds=SHORT_TTL)

@@ -15,7 +15,7 @@ from app.store.scripts import LUA_DIR, Scripts, read_sources
 def test_names_and_key_counts_come_from_file_names() -> None:
     sources = read_sources()
     assert {path.stem.split("-")[0] for path in LUA_DIR.glob("*.lua")} == set(sources)
-    assert sources["set_sku"].numkeys == 3
+    assert sources["set_sku"].numkeys == 4
     assert sources["claim_idempotency"].numkeys == 1
     assert sources["reserve"].numkeys is None
 
@@ -35,7 +35,12 @@ async def test_calls_survive_script_flush(redis: Redis, keys: KeySpace) -> None:
     scripts = Scripts(redis)
     await scripts.load()
     shard = keys.shard_of("default", "x")
-    call_keys = [keys.sku(shard, "default", "x"), keys.events(shard), keys.idempotency(shard, "default", "-", "-")]
+    call_keys = [
+        keys.sku(shard, "default", "x"),
+        keys.events(shard),
+        keys.idempotency(shard, "default", "-", "-"),
+        keys.ready(shard),
+    ]
     args = ["default", "x", 5, 0, "pre_reserve", 60, 0, 1, "", 60]
 
     await redis.script_flush()  # as after a Redis restart or failover: the SHA is unknown
@@ -47,5 +52,5 @@ async def test_calls_survive_script_flush(redis: Redis, keys: KeySpace) -> None:
 
 
 async def test_wrong_key_count_is_refused_before_redis(redis: Redis) -> None:
-    with pytest.raises(ValueError, match="takes 3 keys"):
+    with pytest.raises(ValueError, match="takes 4 keys"):
         await Scripts(redis).call("set_sku", ["only-one"], [])

@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis and PostgreSQL answer and the scripts are loaded")
+@router.get("/readyz", summary="Redis and PostgreSQL answer, every shard is rebuilt, the sweeper runs")
 async def readyz(request: Request) -> Response:
     state = request.app.state
     checks: dict[str, str] = {}
@@ -33,6 +33,12 @@ async def readyz(request: Request) -> Response:
         checks["postgres"] = "ok"
     except Exception as exc:
         checks["postgres"] = f"failed: {type(exc).__name__}"
+    if checks["redis"] == "ok":
+        try:
+            missing = await asyncio.wait_for(state.watch.rebuilder.missing_shards(), _CHECK_TIMEOUT_SECONDS)
+            checks["rebuilt"] = "ok" if not missing else f"failed: shards {missing} await a rebuild from PostgreSQL"
+        except Exception as exc:
+            checks["rebuilt"] = f"failed: {type(exc).__name__}"
     checks["sweeper"] = "ok" if state.sweeper_task is not None and not state.sweeper_task.done() else "stopped"
     if all(v == "ok" for v in checks.values()):
         return Response(orjson.dumps({"status": "ready", "checks": checks}), media_type="application/json")

@@ -7,6 +7,7 @@
     KEYS[1] SKU hash                    sh:{s}:sku:<tenant>:<sku>
     KEYS[2] shard event stream          sh:{s}:events
     KEYS[3] idempotency record          (untouched when ARGV[6] is '')
+    KEYS[4] shard ready marker          sh:{s}:ready
 
     ARGV[1] tenant
     ARGV[2] sku
@@ -21,10 +22,15 @@
     {-1}               SKU_NOT_FOUND
     {-4, held, sold}   STOCK_CONFLICT: the shrink would go below held + sold
     {-8}               IDEMPOTENCY_CONFLICT
+    {-10}              NOT_READY: the shard awaits a rebuild; nothing changed
 ]]
 --@include common
 --@include idempotency
+--@include ready
 
+if not shard_ready(KEYS[4]) then
+  return {-10}
+end
 local replay = idem_replay(KEYS[3], ARGV[6])
 if replay then
   return replay

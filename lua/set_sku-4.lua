@@ -8,6 +8,7 @@
     KEYS[1] SKU hash                    sh:{s}:sku:<tenant>:<sku>
     KEYS[2] shard event stream          sh:{s}:events
     KEYS[3] idempotency record          sh:{s}:idem:<tenant>:<digest> (untouched when ARGV[9] is '')
+    KEYS[4] shard ready marker          sh:{s}:ready
 
     ARGV[1] tenant
     ARGV[2] sku
@@ -25,11 +26,16 @@
         1 when the SKU was created, 0 when updated. Event 'sku_set' with every setting.
     {-4, held, sold}   STOCK_CONFLICT: on_hand - safety_stock would fall below held + sold
     {-8}               IDEMPOTENCY_CONFLICT: the key was used with another request
+    {-10}              NOT_READY: the shard awaits a rebuild; nothing changed
     A replayed key returns the first result unchanged.
 ]]
 --@include common
 --@include idempotency
+--@include ready
 
+if not shard_ready(KEYS[4]) then
+  return {-10}
+end
 local replay = idem_replay(KEYS[3], ARGV[9])
 if replay then
   return replay

@@ -1,0 +1,211 @@
+"""The stock state PostgreSQL implies, shard by shard: what Redis must hold after a rebuild, and what
+reconcile compares Redis against.
+
+Counters are recomputed from the reservations rather than copied from the last event's "after" values:
+``held`` is the sum of the held lines of held parts, ``sold`` of the lines of confirmed parts, and each
+user's units likewise, so a hold whose events never reached PostgreSQL cannot leave units held forever.
+``on_hand`` and the settings are the SKU row's (the newest persisted event's).
+
+A rebuilt shard must keep invariant 1. A hold persisted as live whose release was lost with Redis could
+push ``held + sold`` above ``on_hand - safety_stock``; confirmed sales are facts, holds are not, so the
+newest such holds are dropped (expired, with their events) until every SKU fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+
+from app.stock.keys import KeySpace
+from app.stock.reservation_ids import home_shard_of
+
+SkuKey = tuple[str, str]  # (tenant, sku)
+
+LOAD_SKUS = """
+SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit FROM sku
+"""
+LOAD_LINES = """
+SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, status_before, confirmed_how,
+       expires_at_ms, created_at_ms, event_ms, event_seq
+FROM reservation_line
+"""
+LOAD_DOCS = "SELECT id, user_id, channel, items FROM reservation WHERE id = ANY($1::text[])"
+
+
+@dataclass
+class SkuImage:
+    tenant: str
+    sku: str
+    on_hand: int
+    safety_stock: int
+    mode: str
+    hold_ttl_seconds: int
+    per_user_limit: int  # 0: none
+    held: int = 0
+    sold: int = 0
+
+    @property
+    def cap(self) -> int:
+        return self.on_hand - self.safety_stock
+
+
+@dataclass
+class LineImage:
+    sku: str
+    quantity: int
+    held: bool
+
+
+@dataclass
+class PartImage:
+    reservation_id: str
+    shard: int
+    tenant: str
+    user_id: str
+    status: str
+    deadline: int
+    created_at: int
+    lines: list[LineImage]
+    status_before: str | None = None
+    confirmed_how: str | None = None
+    doc: str | None = None  # on the home part only
+    dropped: bool = False  # expired by the rebuild to restore invariant 1
+
+    def units(self, line: LineImage) -> tuple[int, int, int]:
+        """What the line counts for while the part is in its status: (held, sold, user units)."""
+        if self.status == "held" and line.held:
+            return line.quantity, 0, line.quantity
+        if self.status == "confirmed":
+            return 0, line.quantity, line.quantity
+        return 0, 0, 0
+
+
+@dataclass
+class ShardImage:
+    shard: int
+    skus: dict[SkuKey, SkuImage] = field(default_factory=dict)
+    parts: list[PartImage] = field(default_factory=list)
+    users: dict[SkuKey, dict[str, int]] = field(default_factory=dict)
+    raised: dict[SkuKey, int] = field(default_factory=dict)  # on_hand raised to cover sales (see below)
+
+    def expiry(self) -> dict[str, int]:
+        return {p.reservation_id: p.deadline for p in self.parts if p.status in ("held", "pending") and p.deadline > 0}
+
+
+async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -> dict[int, ShardImage]:
+    wanted = set(shards)
+    images = {s: ShardImage(s) for s in wanted}
+    async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        sku_rows = await conn.fetch(LOAD_SKUS)
+        line_rows = await conn.fetch(LOAD_LINES)
+        by_part: dict[tuple[str, int], list[asyncpg.Record]] = {}
+        lines_of: dict[str, list[asyncpg.Record]] = {}
+        for row in line_rows:
+            by_part.setdefault((row["reservation_id"], row["shard"]), []).append(row)
+            lines_of.setdefault(row["reservation_id"], []).append(row)
+        homes = [rid for (rid, shard) in by_part if shard in wanted and home_shard_of(rid, keys.shard_count) == shard]
+        docs = {r["id"]: r for r in await conn.fetch(LOAD_DOCS, homes)}
+
+    for row in sku_rows:
+        shard = keys.shard_of(row["tenant"], row["sku"])
+        if shard in wanted:
+            images[shard].skus[(row["tenant"], row["sku"])] = SkuImage(
+                row["tenant"],
+                row["sku"],
+                row["on_hand"],
+                row["safety_stock"],
+                row["mode"],
+                row["hold_ttl_seconds"],
+                row["per_user_limit"] or 0,
+            )
+    for (rid, shard), rows in by_part.items():
+        if shard not in wanted:
+            continue
+        part = _part(rid, shard, rows)
+        if part is None:
+            continue
+        if home_shard_of(rid, keys.shard_count) == shard:
+            part.doc = _doc(docs.get(rid), lines_of[rid], part.user_id)
+        images[shard].parts.append(part)
+    for image in images.values():
+        _count(image)
+        _drop_surplus_holds(image)
+    return images
+
+
+def _part(rid: str, shard: int, rows: list[asyncpg.Record]) -> PartImage | None:
+    # All lines of a part share its status; should a crash have split one script's events across two
+    # batches, the newest line speaks for the part.
+    newest = max(rows, key=lambda r: (r["event_ms"], r["event_seq"]))
+    if newest["status"] == "undone":
+        return None  # compensated: the part never happened
+    created = min((r["created_at_ms"] for r in rows if r["created_at_ms"] is not None), default=newest["event_ms"])
+    return PartImage(
+        reservation_id=rid,
+        shard=shard,
+        tenant=newest["tenant"],
+        user_id=newest["user_id"],
+        status=newest["status"],
+        deadline=max((r["expires_at_ms"] or 0 for r in rows), default=0),
+        created_at=created,
+        lines=[LineImage(r["sku"], r["quantity"], r["held"]) for r in sorted(rows, key=lambda r: r["sku"])],
+        status_before=newest["status_before"],
+        confirmed_how=newest["confirmed_how"],
+    )
+
+
+def _doc(row: asyncpg.Record | None, lines: list[asyncpg.Record], user_id: str) -> str:
+    """The reservation document the home part carries: PostgreSQL's copy, or, when only some of its
+    events were persisted, one made from the lines known (items in SKU order, channel unknown)."""
+    if row is not None:
+        items: Any = row["items"]
+        items = orjson.loads(items) if isinstance(items, str) else items
+        return orjson.dumps({"user_id": row["user_id"], "items": items, "channel": row["channel"]}).decode()
+    items = [{"sku": r["sku"], "quantity": r["quantity"]} for r in sorted(lines, key=lambda r: r["sku"])]
+    return orjson.dumps({"user_id": user_id, "items": items, "channel": None}).decode()
+
+
+def _count(image: ShardImage) -> None:
+    for counted in image.skus.values():
+        counted.held = counted.sold = 0
+    image.users = {}
+    for part in image.parts:
+        for line in part.lines:
+            held, sold, units = part.units(line)
+            sku = image.skus.get((part.tenant, line.sku))
+            if sku is None:  # a line of a SKU whose catalogue row is missing: keep it visible as 0-stock
+                sku = SkuImage(part.tenant, line.sku, 0, 0, "pre_reserve", 900, 0)
+                image.skus[(part.tenant, line.sku)] = sku
+            sku.held += held
+            sku.sold += sold
+            if units:
+                per_user = image.users.setdefault((part.tenant, line.sku), {})
+                per_user[part.user_id] = per_user.get(part.user_id, 0) + units
+
+
+def _drop_surplus_holds(image: ShardImage) -> None:
+    while True:
+        over = [k for k, s in image.skus.items() if s.held + s.sold > s.cap]
+        if not over:
+            return
+        tenant, sku = over[0]
+        candidates = [
+            p
+            for p in image.parts
+            if p.status == "held" and p.tenant == tenant and any(ln.sku == sku and ln.held for ln in p.lines)
+        ]
+        if not candidates:
+            # sold alone exceeds on_hand: the catalogue row is older than the sales (its event was lost);
+            # raise on_hand to what was sold rather than report stock that does not exist as available
+            short = image.skus[(tenant, sku)]
+            delta = short.sold - short.cap
+            short.on_hand += delta
+            image.raised[(tenant, sku)] = image.raised.get((tenant, sku), 0) + delta
+            continue
+        newest = max(candidates, key=lambda p: p.created_at)
+        newest.status, newest.dropped = "expired", True
+        _count(image)

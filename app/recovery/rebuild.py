@@ -1,0 +1,233 @@
+"""Rebuilds Redis shards from PostgreSQL, and the ready markers that say a shard was rebuilt.
+
+Every stock script refuses to run on a shard without its marker (lua/includes/ready.lua), so a Redis
+that lost its data (restarted empty, flushed, failed over to an empty replica) answers not_ready instead
+of selling from nothing. Rebuilding a shard, under a per-shard lock so one process does it:
+
+1. persists whatever its event stream still holds (a marker deleted on purpose, e.g. by
+   ``reconcile --repair``, leaves the data and its unpersisted events in place);
+2. loads the shard's image from PostgreSQL (app/recovery/image.py);
+3. replaces the shard's stock keys with it (no script can run meanwhile: the marker is absent);
+4. in one MULTI: the events of any hold the image dropped to keep invariant 1, and the marker.
+
+Idempotency records and the stream itself are kept; a Redis that lost its data lost them too, which
+means a retried request after such a loss runs again (see README, "Recovery").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
+
+from app.recovery.image import PartImage, ShardImage, load_images
+from app.stock.events import parse_entries
+from app.stock.keys import KeySpace
+from app.worker.ledger import persist_events
+
+log = logging.getLogger(__name__)
+
+# A rebuild of one shard takes well under this; a crashed rebuilder frees the shard after it.
+REBUILD_LEASE_S = 120.0
+_CHUNK = 1000  # commands per pipeline round while loading
+
+
+class Rebuilder:
+    def __init__(self, redis: Redis, pg: asyncpg.Pool, keys: KeySpace) -> None:
+        self.redis = redis
+        self.pg = pg
+        self.keys = keys
+        self.owner = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def missing_shards(self) -> list[int]:
+        """Shards without their ready marker."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in self.keys.all_shards():
+                pipe.exists(self.keys.ready(shard))
+            present = await pipe.execute()
+        return [shard for shard, ok in zip(self.keys.all_shards(), present, strict=True) if not ok]
+
+    async def rebuild(self, shards: Iterable[int] | None = None, *, force: bool = False) -> list[int]:
+        """Rebuilds `shards` (default: those missing their marker). Without `force` a shard that has its
+        marker is left alone; with it, the marker is removed first (the shard answers not_ready while it
+        is rebuilt). Shards another process is rebuilding are skipped. Returns the shards rebuilt."""
+        targets = sorted(set(shards) if shards is not None else await self.missing_shards())
+        locks: dict[int, Lock] = {}
+        try:
+            for shard in targets:
+                lock = Lock(self.redis, self.keys.rebuild_lock(shard), timeout=REBUILD_LEASE_S, blocking=False)
+                if await lock.acquire():
+                    locks[shard] = lock
+            if force and locks:
+                await self.redis.delete(*(self.keys.ready(s) for s in locks))
+            elif not force:
+                still_missing = set(await self.missing_shards())
+                for shard in [s for s in locks if s not in still_missing]:
+                    await _release(locks.pop(shard))
+            if not locks:
+                return []
+            started = time.perf_counter()
+            drained = await self.drain(list(locks))
+            images = await load_images(self.pg, self.keys, locks)
+            for shard in sorted(locks):
+                await self._write(images[shard])
+            log.info(
+                "rebuilt shards %s from PostgreSQL in %.3fs (%d stream events persisted first): %s",
+                sorted(locks),
+                time.perf_counter() - started,
+                drained,
+                ", ".join(f"{s}: {len(images[s].skus)} SKUs, {len(images[s].parts)} parts" for s in sorted(locks)),
+            )
+            return sorted(locks)
+        finally:
+            for lock in locks.values():
+                await _release(lock)
+
+    async def drain(self, shards: list[int]) -> int:
+        """Persists every event still in the shards' streams (idempotent: most are persisted already)."""
+        total = 0
+        for shard in shards:
+            start = "-"
+            while True:
+                entries = await self.redis.xrange(self.keys.events(shard), min=start, max="+", count=_CHUNK)
+                if not entries:
+                    break
+                async with self.pg.acquire() as conn, conn.transaction():
+                    total += await persist_events(conn, parse_entries(shard, entries))
+                start = "(" + str(entries[-1][0])
+        return total
+
+    async def _write(self, image: ShardImage) -> None:
+        shard, k = image.shard, self.keys
+        stale = [key async for key in self.redis.scan_iter(match=k.shard_pattern(shard), count=1000)]
+        stale = [key for key in stale if k.rebuilt_from_postgres(shard, key)]
+        commands: list[tuple[str, tuple[Any, ...]]] = [
+            ("delete", tuple(stale[i : i + 500])) for i in range(0, len(stale), 500)
+        ]
+        for sku in image.skus.values():
+            mapping = {
+                "on_hand": sku.on_hand,
+                "safety_stock": sku.safety_stock,
+                "held": sku.held,
+                "sold": sku.sold,
+                "mode": sku.mode,
+                "hold_ttl_seconds": sku.hold_ttl_seconds,
+                "per_user_limit": sku.per_user_limit,
+            }
+            commands.append(("hset", (k.sku(shard, sku.tenant, sku.sku), mapping)))
+        for (tenant, sku_name), users in image.users.items():
+            commands.append(("hset", (k.user_counts(shard, tenant, sku_name), users)))
+        for part in image.parts:
+            commands.append(("hset", (k.reservation(shard, part.reservation_id), _part_fields(part))))
+        expiry = image.expiry()
+        if expiry:
+            commands.append(("zadd", (k.expiry(shard), expiry)))
+        for i in range(0, len(commands), _CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, args in commands[i : i + _CHUNK]:
+                    if name == "hset":
+                        pipe.hset(args[0], mapping=args[1])
+                    else:
+                        getattr(pipe, name)(*args)
+                await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for fields in _rebuild_events(image):
+                pipe.xadd(k.events(shard), fields)  # type: ignore[arg-type]  # values are str | int
+            marker = {"rebuilt_at_ms": int(time.time() * 1000), "by": self.owner, "source": "postgresql"}
+            pipe.set(k.ready(shard), orjson.dumps(marker))
+            await pipe.execute()
+
+
+async def _release(lock: Lock) -> None:
+    with contextlib.suppress(LockError):  # it lapsed: whoever holds it now owns it
+        await lock.release()
+
+
+def _part_fields(part: PartImage) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "st": part.status,
+        "u": part.user_id,
+        "t": part.tenant,
+        "exp": part.deadline,
+        "c": part.created_at,
+        "n": len(part.lines),
+    }
+    for line in part.lines:
+        fields[f"q:{line.sku}"] = line.quantity
+        fields[f"h:{line.sku}"] = 1 if line.held else 0
+    if part.doc is not None:
+        fields["doc"] = part.doc
+    if part.status == "confirmed":
+        fields["pst"] = part.status_before or "held"
+        fields["cf"] = part.confirmed_how or "h"
+    return fields
+
+
+def _rebuild_events(image: ShardImage) -> list[dict[str, Any]]:
+    """Events for what the rebuild itself changed (see image.py): on_hand raised to cover sales, holds
+    dropped to keep invariant 1. Counters in them run up to the image's final values."""
+    now = int(time.time() * 1000)
+    events: list[dict[str, Any]] = []
+    held = {key: sku.held for key, sku in image.skus.items()}
+    dropped = [p for p in image.parts if p.dropped]
+    for part in dropped:  # walk back to the counters before the drops, then replay them forward
+        for line in part.lines:
+            if line.held:
+                held[(part.tenant, line.sku)] += line.quantity
+    for (tenant, sku_name), delta in image.raised.items():
+        sku = image.skus[(tenant, sku_name)]
+        events.append(
+            _event("adjusted", sku.tenant, sku.sku, delta, "", "", sku.on_hand, held[(tenant, sku_name)], sku.sold, now)
+            | {"reason": "rebuild: on_hand raised to cover the sales PostgreSQL holds"}
+        )
+    for part in dropped:
+        for line in part.lines:
+            sku = image.skus[(part.tenant, line.sku)]
+            if line.held:
+                held[(part.tenant, line.sku)] -= line.quantity
+            kind = "expired" if line.held else "lapsed"
+            after = held[(part.tenant, line.sku)]
+            events.append(
+                _event(
+                    kind,
+                    part.tenant,
+                    line.sku,
+                    line.quantity,
+                    part.reservation_id,
+                    part.user_id,
+                    sku.on_hand,
+                    after,
+                    sku.sold,
+                    now,
+                )
+                | {"st": "expired", "reason": "rebuild: hold dropped so that held + sold fits on_hand"}
+            )
+    return events
+
+
+def _event(
+    kind: str, tenant: str, sku: str, qty: int, res: str, user: str, on_hand: int, held: int, sold: int, at: int
+) -> dict[str, Any]:
+    # the fields of emit() in lua/includes/common.lua
+    return {
+        "type": kind,
+        "tenant": tenant,
+        "sku": sku,
+        "qty": qty,
+        "res": res,
+        "user": user,
+        "on_hand": on_hand,
+        "held": held,
+        "sold": sold,
+        "at": at,
+    }

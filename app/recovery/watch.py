@@ -1,0 +1,43 @@
+"""Notices a Redis that lost its data and has it rebuilt, without an operator.
+
+Every API process (and every `stockhold worker`) runs one: each `interval_s` it checks every shard's
+ready marker (one pipelined round) and rebuilds the shards that lack it. Meanwhile those shards answer
+503 not_ready, /readyz fails, and nothing is sold from an empty Redis. With STOCKHOLD_AUTO_REBUILD=false
+it only watches: an operator runs `stockhold rebuild` (after looking at what happened, say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from app.recovery.rebuild import Rebuilder
+
+log = logging.getLogger(__name__)
+
+
+class ReadinessWatch:
+    def __init__(self, rebuilder: Rebuilder, *, auto_rebuild: bool, interval_s: float = 0.5) -> None:
+        self.rebuilder = rebuilder
+        self.auto_rebuild = auto_rebuild
+        self.interval_s = interval_s
+        self.rebuilds = 0  # shards this process rebuilt
+
+    async def check_once(self) -> list[int]:
+        """Returns the shards still missing their marker after this check (and rebuild, when automatic)."""
+        missing = await self.rebuilder.missing_shards()
+        if missing and self.auto_rebuild:
+            log.warning("shards %s have no ready marker (Redis lost its data?): rebuilding from PostgreSQL", missing)
+            self.rebuilds += len(await self.rebuilder.rebuild(missing))
+            missing = await self.rebuilder.missing_shards()
+        return missing
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.check_once()
+            except Exception:  # Redis or PostgreSQL away: the next tick tries again
+                log.exception("readiness check failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
