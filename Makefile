@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format clean help
+.PHONY: run test lint format bench clean help
 
 help:
 	@echo "make run    serve on http://127.0.0.1:8000 (embedded Redis + PostgreSQL unless REDIS_URL / DATABASE_URL are set)"
 	@echo "make test   run the test suite (embedded servers unless TEST_REDIS_URL / TEST_DATABASE_URL are set)"
 	@echo "make lint   ruff (lint + format check) and mypy"
+	@echo "make bench  write-behind benchmark: reserve rate, lag at 2,000/s, worker drain rate (~90 s, 127.0.0.1 only)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
@@ -27,13 +28,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app tests
-	$(BIN)/ruff format --check app tests
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix app tests
-	$(BIN)/ruff format app tests
+	$(BIN)/ruff check --fix app tests bench
+	$(BIN)/ruff format app tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.writebehind
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

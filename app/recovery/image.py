@@ -33,7 +33,11 @@ SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, stat
        expires_at_ms, created_at_ms, event_ms, event_seq
 FROM reservation_line
 """
-LOAD_DOCS = "SELECT id, user_id, channel, items FROM reservation WHERE id = ANY($1::text[])"
+LOAD_DOCS = """
+SELECT id, user_id, channel, items, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms,
+       (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms
+FROM reservation WHERE id = ANY($1::text[])
+"""
 
 
 @dataclass
@@ -107,8 +111,8 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
         for row in line_rows:
             by_part.setdefault((row["reservation_id"], row["shard"]), []).append(row)
             lines_of.setdefault(row["reservation_id"], []).append(row)
-        homes = [rid for (rid, shard) in by_part if shard in wanted and home_shard_of(rid, keys.shard_count) == shard]
-        docs = {r["id"]: r for r in await conn.fetch(LOAD_DOCS, homes)}
+        ids = [rid for (rid, shard) in by_part if shard in wanted]
+        docs = {r["id"]: r for r in await conn.fetch(LOAD_DOCS, ids)}
 
     for row in sku_rows:
         shard = keys.shard_of(row["tenant"], row["sku"])
@@ -125,7 +129,7 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
     for (rid, shard), rows in by_part.items():
         if shard not in wanted:
             continue
-        part = _part(rid, shard, rows)
+        part = _part(rid, shard, rows, docs.get(rid))
         if part is None:
             continue
         if home_shard_of(rid, keys.shard_count) == shard:
@@ -137,20 +141,26 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
     return images
 
 
-def _part(rid: str, shard: int, rows: list[asyncpg.Record]) -> PartImage | None:
+def _part(rid: str, shard: int, rows: list[asyncpg.Record], doc: asyncpg.Record | None) -> PartImage | None:
     # All lines of a part share its status; should a crash have split one script's events across two
     # batches, the newest line speaks for the part.
     newest = max(rows, key=lambda r: (r["event_ms"], r["event_seq"]))
     if newest["status"] == "undone":
         return None  # compensated: the part never happened
-    created = min((r["created_at_ms"] for r in rows if r["created_at_ms"] is not None), default=newest["event_ms"])
+    # Times come from the part's reserve events; when only its confirm was persisted (written through
+    # before the worker reached the hold), from the reservation's document, which the confirm wrote.
+    created = min((r["created_at_ms"] for r in rows if r["created_at_ms"] is not None), default=None)
+    if created is None:
+        created = doc["created_at_ms"] if doc is not None else newest["event_ms"]
+    deadlines = [r["expires_at_ms"] for r in rows if r["expires_at_ms"] is not None]
+    deadline = max(deadlines) if deadlines else (doc["expires_at_ms"] or 0 if doc is not None else 0)
     return PartImage(
         reservation_id=rid,
         shard=shard,
         tenant=newest["tenant"],
         user_id=newest["user_id"],
         status=newest["status"],
-        deadline=max((r["expires_at_ms"] or 0 for r in rows), default=0),
+        deadline=deadline,
         created_at=created,
         lines=[LineImage(r["sku"], r["quantity"], r["held"]) for r in sorted(rows, key=lambda r: r["sku"])],
         status_before=newest["status_before"],

@@ -4,6 +4,10 @@ Every API process (and every `stockhold worker`) runs one: each `interval_s` it 
 ready marker (one pipelined round) and rebuilds the shards that lack it. Meanwhile those shards answer
 503 not_ready, /readyz fails, and nothing is sold from an empty Redis. With STOCKHOLD_AUTO_REBUILD=false
 it only watches: an operator runs `stockhold rebuild` (after looking at what happened, say).
+
+A Redis that lost its data usually restarted, which leaves every pooled connection dead; each would fail
+one request with 503 after the shards are ready again. So when markers are missing, or a check meets a
+broken connection, the idle connections are dropped and the next requests open fresh ones.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.recovery.rebuild import Rebuilder
 
@@ -27,16 +33,25 @@ class ReadinessWatch:
     async def check_once(self) -> list[int]:
         """Returns the shards still missing their marker after this check (and rebuild, when automatic)."""
         missing = await self.rebuilder.missing_shards()
+        if missing:
+            await self._drop_idle_connections()
         if missing and self.auto_rebuild:
             log.warning("shards %s have no ready marker (Redis lost its data?): rebuilding from PostgreSQL", missing)
             self.rebuilds += len(await self.rebuilder.rebuild(missing))
             missing = await self.rebuilder.missing_shards()
         return missing
 
+    async def _drop_idle_connections(self) -> None:
+        await self.rebuilder.redis.connection_pool.disconnect(inuse_connections=False)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self.check_once()
+            except RedisConnectionError as exc:
+                log.warning("readiness check: Redis connection failed (%s); dropping idle connections", exc)
+                with contextlib.suppress(Exception):
+                    await self._drop_idle_connections()
             except Exception:  # Redis or PostgreSQL away: the next tick tries again
                 log.exception("readiness check failed; retrying")
             with contextlib.suppress(TimeoutError):

@@ -456,8 +456,13 @@ class StockService:
         if len(parts) > 1:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for part in parts[1:]:
+                    pipe.exists(self.keys.ready(part.shard))
                     pipe.hget(self.keys.reservation(part.shard, reservation_id), "st")
-                statuses += [str(s) for s in await pipe.execute() if s is not None]
+                replies = await pipe.execute()
+            for part, ready_there in zip(parts[1:], replies[0::2], strict=True):
+                if not ready_there:
+                    raise _not_ready(part.shard)
+            statuses += [str(s) for s in replies[1::2] if s is not None]
         return _Loaded(
             reservation_id=reservation_id,
             tenant=tenant,

@@ -119,7 +119,7 @@ class WriteBehindWorker:
                     await self.trim()
                     next_trim = loop.time() + trim_every_s
             except Exception as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                if isinstance(exc, ResponseError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
                     log.warning("consumer group gone (Redis lost its data?); creating it again")
                     with contextlib.suppress(Exception):
                         await self.ensure_groups()

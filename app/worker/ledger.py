@@ -6,7 +6,7 @@ table in a fixed sequence and by primary key within each, so they wait for each 
 
 A batch is a handful of statements in the caller's transaction, each ``INSERT ... SELECT FROM
 unnest(...)``: the batch travels as arrays, one round trip per table, whatever its size. (Measured against
-COPY into a staging table then upsert: see scripts/measure_writebehind.py; unnest needs no temporary
+COPY into a staging table then upsert: see bench/writebehind.py; unnest needs no temporary
 table and wins at the batch sizes the worker uses.) Everything is idempotent on the event id: the ledger
 row is ``ON CONFLICT DO NOTHING`` and every projection row records the id (ms, seq) of the event it
 reflects and only takes a later one, so an event delivered twice, or out of order (a redelivered batch,

@@ -1,0 +1,324 @@
+"""Write-behind benchmark: how far PostgreSQL trails Redis, and how fast the worker can go.
+
+Prints, all measured in this run on this machine:
+
+1. the service's reserve rate: `stockhold serve --workers 2` (worker in process) under HTTP load for a
+   few seconds, 1 line per reservation (= 1 event);
+2. write-behind lag under a sustained, paced 2,000 reservations/s for 20 s (reservations made through
+   StockService in this process so the pace holds whatever the HTTP client costs; one `stockhold worker`
+   process persists): p50 / p99 / max of (row written in PostgreSQL - event time);
+3. the worker's maximum sustained rate: a backlog built with no worker running, then drained by one
+   `stockhold worker` process: events/s, and its ratio to (1);
+4. the ledger insert itself, unnest (what ledger.py does) against COPY into a staging table then
+   INSERT ... ON CONFLICT, median per 500-event batch.
+
+Targets (issue 3): lag p99 < 1 s; worker rate >= 5x the reserve rate.
+
+    make bench                      # embedded servers in a temporary directory
+    REDIS_URL=... DATABASE_URL=... make bench   # or given servers (their stock state is wiped!)
+
+Everything runs on 127.0.0.1, bounded in time (about 90 s), and stops the processes it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from app.stock.keys import KeySpace
+from app.stock.schemas import ReservationItem, ReservationRequest, SkuSettings
+from app.stock.service import StockService
+from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.store.postgres import apply_migrations, create_pool
+from app.store.redis import connect_redis
+from app.store.scripts import Scripts
+from app.worker.backlog import read_backlog
+from app.worker.ledger import PostgresLedger
+
+SHARDS = 16
+TENANT = "default"
+SKUS = [f"bench-{i}" for i in range(64)]
+PACE_PER_S = 2_000
+PACE_SECONDS = 20
+BACKLOG_EVENTS = 60_000
+HTTP_SECONDS = 5
+HTTP_CONCURRENCY = 32
+STATE_TABLES = "stock_movement, sku, reservation, reservation_line, worker_progress"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def reset(redis: Redis, pg: asyncpg.Pool, keys: KeySpace) -> None:
+    await redis.flushdb()
+    await pg.execute(f"TRUNCATE {STATE_TABLES}")
+    # an empty PostgreSQL rebuilt into an empty Redis: the markers a rebuild writes
+    for shard in keys.all_shards():
+        await redis.set(keys.ready(shard), '{"source": "bench"}')
+
+
+async def unpersisted(redis: Redis, keys: KeySpace) -> int:
+    return sum(b.unpersisted for b in await read_backlog(redis, keys))
+
+
+async def wait_drained(redis: Redis, keys: KeySpace, timeout_s: float) -> float:
+    started = time.perf_counter()
+    while await unpersisted(redis, keys) > 0:
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"backlog not drained in {timeout_s}s")
+        await asyncio.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def request(i: int) -> ReservationRequest:
+    return ReservationRequest(user_id=f"u{i}", items=[ReservationItem(sku=SKUS[i % len(SKUS)], quantity=1)])
+
+
+async def wait_ready(base: str, timeout_s: float = 30) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=1) as c:
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            try:
+                if (await c.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{base} not ready in {timeout_s}s")
+
+
+async def http_reserve_rate(base: str) -> float:
+    """Reservations/s `stockhold serve --workers 2` grants to HTTP_CONCURRENCY keep-alive clients."""
+    done = 0
+    deadline = time.perf_counter() + HTTP_SECONDS
+    async with httpx.AsyncClient(base_url=base, timeout=10, limits=httpx.Limits(max_connections=HTTP_CONCURRENCY)) as c:
+
+        async def client(n: int) -> None:
+            nonlocal done
+            i = n
+            while time.perf_counter() < deadline:
+                body = {"user_id": f"h{i}", "items": [{"sku": SKUS[i % len(SKUS)], "quantity": 1}]}
+                r = await c.post("/v1/reservations", json=body)
+                assert r.status_code == 201, r.text
+                done += 1
+                i += HTTP_CONCURRENCY
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(n) for n in range(HTTP_CONCURRENCY)))
+        return done / (time.perf_counter() - started)
+
+
+async def paced(service: StockService, per_s: int, seconds: int) -> tuple[int, float]:
+    """Makes `per_s` reservations per second for `seconds`, in 10 ms ticks; returns (made, achieved/s)."""
+    tick, per_tick = 0.01, per_s // 100
+    made = 0
+    started = time.perf_counter()
+    for n in range(seconds * 100):
+        target = started + n * tick
+        await asyncio.sleep(max(0.0, target - time.perf_counter()))
+        await asyncio.gather(*(service.reserve(TENANT, request(made + j)) for j in range(per_tick)))
+        made += per_tick
+    return made, made / (time.perf_counter() - started)
+
+
+async def as_fast_as_possible(service: StockService, count: int, concurrency: int = 64) -> float:
+    started = time.perf_counter()
+    next_i = 0
+
+    async def one() -> None:
+        nonlocal next_i
+        while next_i < count:
+            i = next_i
+            next_i += 1
+            await service.reserve(TENANT, request(1_000_000 + i))
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    return count / (time.perf_counter() - started)
+
+
+STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS movement_staging (LIKE stock_movement INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+COPY_UPSERT = """
+INSERT INTO stock_movement (shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id,
+                            on_hand_after, held_after, sold_after, occurred_at)
+SELECT shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id, on_hand_after, held_after,
+       sold_after, occurred_at
+FROM movement_staging ON CONFLICT (shard, event_id) DO NOTHING
+"""
+MOVEMENT_COLUMNS = [
+    "shard", "event_id", "tenant", "sku", "kind", "quantity", "reservation_id", "user_id",
+    "on_hand_after", "held_after", "sold_after", "occurred_at",
+]  # fmt: skip
+
+
+async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) -> tuple[float, float]:
+    """Median ms per batch for the ledger insert: unnest (ledger.py) vs COPY to a staging table + upsert.
+    Only the stock_movement insert differs; the projections are left out of both."""
+    from datetime import UTC, datetime
+
+    from app.worker.ledger import INSERT_MOVEMENTS
+
+    def rows(b: int, variant: int) -> list[tuple[object, ...]]:
+        ms = 1_800_000_000_000 + variant * 10_000_000 + b * 1000
+        at = datetime.fromtimestamp(ms / 1000, tz=UTC)
+        return [(i % SHARDS, f"{ms}-{i}", TENANT, "x", "held", 1, "r", "u", 9, 1, 0, at) for i in range(size)]
+
+    unnest_ms, copy_ms = [], []
+    async with pg.acquire() as conn:
+        for b in range(batches):
+            batch = rows(b, 1)
+            t = time.perf_counter()
+            async with conn.transaction():
+                await conn.fetch(INSERT_MOVEMENTS, *(list(column) for column in zip(*batch, strict=True)))
+            unnest_ms.append((time.perf_counter() - t) * 1000)
+
+            batch = rows(b, 2)
+            t = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute(STAGING)
+                await conn.copy_records_to_table("movement_staging", records=batch, columns=MOVEMENT_COLUMNS)
+                await conn.execute(COPY_UPSERT)
+            copy_ms.append((time.perf_counter() - t) * 1000)
+    return statistics.median(unnest_ms), statistics.median(copy_ms)
+
+
+async def main() -> None:
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="stockhold-bench-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
+        if not redis_url:
+            embedded_redis = EmbeddedRedis(work / "redis")
+            redis_url = embedded_redis.start()
+            stack.callback(embedded_redis.stop)
+        if not database_url:
+            embedded_pg = EmbeddedPostgres(work / "postgres")
+            database_url = embedded_pg.start()
+            stack.callback(embedded_pg.stop)
+        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "STOCKHOLD_SHARDS": str(SHARDS)}
+        print(f"servers: {redis_url} and PostgreSQL at {database_url.split('@')[-1]}", flush=True)
+
+        keys = KeySpace(SHARDS)
+        redis = connect_redis(redis_url, pool_size=256)
+        pg = await create_pool(database_url, max_size=8)
+        await apply_migrations(pg)
+        scripts = Scripts(redis)
+        await scripts.load()
+        service = StockService(redis, scripts, keys, PostgresLedger(pg), idempotency_ttl_seconds=3600)
+
+        async def fresh_catalogue() -> None:
+            await reset(redis, pg, keys)
+            for sku in SKUS:
+                await service.put_sku(TENANT, sku, SkuSettings(on_hand=10_000_000))
+
+        try:
+            # 1. the service's reserve rate over HTTP
+            await fresh_catalogue()
+            port = free_port()
+            server = start(["serve", "--port", str(port), "--workers", "2"], env, work / "serve.log")
+            try:
+                base = f"http://127.0.0.1:{port}"
+                await wait_ready(base)
+                http_rate = await http_reserve_rate(base)
+            finally:
+                stop(server)
+            print(
+                f"1. reserve rate, HTTP, serve --workers 2, {HTTP_CONCURRENCY} clients, {HTTP_SECONDS}s: "
+                f"{http_rate:,.0f} reservations/s",
+                flush=True,
+            )
+
+            # 2. lag under a paced 2,000 reservations/s with one worker process
+            await fresh_catalogue()
+            worker = start(["worker", "--name", "bench-lag"], env, work / "worker-lag.log")
+            try:
+                await asyncio.sleep(2)  # the worker connects and creates its groups
+                made, achieved = await paced(service, PACE_PER_S, PACE_SECONDS)
+                await wait_drained(redis, keys, timeout_s=30)
+            finally:
+                stop(worker)
+            lags = [
+                float(r["lag_ms"])
+                for r in await pg.fetch(
+                    "SELECT extract(epoch FROM recorded_at - occurred_at) * 1000 AS lag_ms FROM stock_movement "
+                    "WHERE kind = 'held'"
+                )
+            ]
+            lags.sort()
+            p = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731
+            print(
+                f"2. write-behind lag at {achieved:,.0f} reservations/s for {PACE_SECONDS}s ({made:,} events, "
+                f"{len(lags):,} persisted): p50 {p(0.50):.0f} ms, p99 {p(0.99):.0f} ms, max {lags[-1]:.0f} ms "
+                f"(target p99 < 1000 ms)",
+                flush=True,
+            )
+
+            # 3. the worker's maximum rate on a backlog
+            await fresh_catalogue()
+            worker_groups = start(["worker", "--name", "bench-groups"], env, work / "worker-groups.log")
+            await asyncio.sleep(2)
+            stop(worker_groups)  # groups exist; from here on, events wait in the streams
+            made_rate = await as_fast_as_possible(service, BACKLOG_EVENTS)
+            backlog = await unpersisted(redis, keys)
+            worker = start(["worker", "--name", "bench-drain", "--batch", "1000"], env, work / "worker-drain.log")
+            try:
+                drain_s = await wait_drained(redis, keys, timeout_s=120)
+            finally:
+                stop(worker)
+            worker_rate = backlog / drain_s
+            print(
+                f"3. worker drain: {backlog:,} events in {drain_s:.2f}s = {worker_rate:,.0f} events/s "
+                f"(process start included); {worker_rate / http_rate:.1f}x the HTTP reserve rate "
+                f"(target >= 5x); in-process reserve rate while building it: {made_rate:,.0f}/s",
+                flush=True,
+            )
+
+            # 4. unnest vs COPY for the ledger insert
+            await pg.execute(f"TRUNCATE {STATE_TABLES}")
+            unnest_ms, copy_ms = await insert_variants(pg)
+            print(
+                f"4. ledger insert of 500 events, median of 40: unnest {unnest_ms:.2f} ms, "
+                f"COPY + staging upsert {copy_ms:.2f} ms (ratio COPY/unnest {copy_ms / unnest_ms:.2f})",
+                flush=True,
+            )
+        finally:
+            await reset(redis, pg, keys)
+            await redis.aclose()
+            await pg.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
