@@ -72,6 +72,10 @@ async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
                     start = "(" + str(group["last-delivered-id"])
                     pipe.xrange(keys.events(shard), min=start, max="+", count=1)
                     asked.append((shard, "next"))
+        for shard, groups in zip(shards, groups_per_shard, strict=True):
+            if not groups:  # no worker ever read it (none started yet, or Redis lost its groups)
+                pipe.xrange(keys.events(shard), min="-", max="+", count=1)
+                asked.append((shard, "next"))
         answers = await pipe.execute() if asked else []
     needed: dict[int, list[str]] = {}
     for (shard, kind), answer in zip(asked, answers, strict=True):
@@ -83,7 +87,7 @@ async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
     result = []
     for shard, length, groups in zip(shards, lengths, groups_per_shard, strict=True):
         oldest = min(needed.get(shard, []), key=_position, default=None)
-        floor: str | None = oldest
+        floor: str | None = oldest if groups else None  # no group: nothing was persisted, trim nothing
         if floor is None and groups:
             # every group is caught up: everything up to the slowest group's last delivered id can go
             floor = _after(min((str(g["last-delivered-id"]) for g in groups), key=_position))

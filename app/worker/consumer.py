@@ -60,15 +60,17 @@ class WriteBehindWorker:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
-    async def step(self) -> int:
+    async def step(self, own_pending: bool = False) -> int:
         """Reads up to `batch` new entries per shard, persists them in one transaction, then XACKs them.
-        Returns the number of entries handled (0 when the streams were idle for `block_ms`)."""
+        Returns the number of entries handled (0 when the streams were idle for `block_ms`).
+        `own_pending`: re-read the entries this consumer was given and has not acknowledged (after a
+        failed step) instead of new ones."""
         reply: Any = await self.redis.xreadgroup(  # RESP2: [[stream, [(id, fields), ...]], ...]
             GROUP,
             self.consumer,
-            dict.fromkeys(self._stream_shard, ">"),
+            dict.fromkeys(self._stream_shard, "0" if own_pending else ">"),
             count=self.batch,
-            block=self.block_ms,
+            block=None if own_pending else self.block_ms,
         )
         events = [e for stream, entries in reply or [] for e in parse_entries(self._stream_shard[stream], entries)]
         return await self._persist_and_ack(events)
@@ -109,12 +111,19 @@ class WriteBehindWorker:
         await self.ensure_groups()
         loop = asyncio.get_running_loop()
         next_reclaim = next_trim = loop.time()
+        # A failed step leaves its entries pending on this consumer: they are retried first (not after
+        # claim_idle_ms, which is for entries of consumers that died), so a backlog drains as soon as
+        # PostgreSQL is back. A consumer restarted under its old name also starts with its own.
+        retry_own = True
         while not stop.is_set():
             try:
                 if loop.time() >= next_reclaim:
                     await self.reclaim()
                     next_reclaim = loop.time() + reclaim_every_s
-                await self.step()
+                if retry_own:
+                    retry_own = await self.step(own_pending=True) > 0
+                else:
+                    await self.step()
                 if loop.time() >= next_trim:
                     await self.trim()
                     next_trim = loop.time() + trim_every_s
@@ -125,5 +134,6 @@ class WriteBehindWorker:
                         await self.ensure_groups()
                     continue
                 log.exception("write-behind step failed; retrying")
+                retry_own = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)

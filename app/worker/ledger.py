@@ -241,7 +241,7 @@ class PostgresLedger:
     async def record_confirmation(self, events: Sequence[StreamEvent], reservation: ReservationRecord) -> None:
         try:
             await asyncio.wait_for(self._write(events, reservation), timeout=self.timeout_s)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # whatever failed, the confirmation is not known to be durable
             log.warning("confirmation of %s not written to PostgreSQL: %r", reservation.id, exc)
             raise LedgerUnavailable(
                 "the confirmation could not be recorded in the system of record (PostgreSQL); it was not made. "
