@@ -10,17 +10,17 @@ from app.stock.idempotency import MAX_KEY_LENGTH, IdempotencyStore
 from app.stock.service import StockService
 
 
-def get_service(request: Request) -> StockService:
+async def get_service(request: Request) -> StockService:
     service: StockService = request.app.state.service
     return service
 
 
-def get_idempotency_store(request: Request) -> IdempotencyStore:
+async def get_idempotency_store(request: Request) -> IdempotencyStore:
     store: IdempotencyStore = request.app.state.idempotency
     return store
 
 
-def get_tenant(request: Request) -> str:
+async def get_tenant(request: Request) -> str:
     # One tenant until API keys arrive; every key, event and reservation already carries it.
     tenant: str = request.app.state.settings.default_tenant
     return tenant

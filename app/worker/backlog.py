@@ -65,13 +65,14 @@ async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
         asked: list[tuple[int, str]] = []
         for shard, groups in zip(shards, groups_per_shard, strict=True):
             for group in groups:
+                # both, always: by the time XPENDING runs its entries may all be acknowledged (min nil),
+                # and the first undelivered entry is then the oldest this group needs
                 if int(group["pending"]) > 0:
                     pipe.xpending(keys.events(shard), group["name"])
                     asked.append((shard, "pending"))
-                else:
-                    start = "(" + str(group["last-delivered-id"])
-                    pipe.xrange(keys.events(shard), min=start, max="+", count=1)
-                    asked.append((shard, "next"))
+                start = "(" + str(group["last-delivered-id"])
+                pipe.xrange(keys.events(shard), min=start, max="+", count=1)
+                asked.append((shard, "next"))
         for shard, groups in zip(shards, groups_per_shard, strict=True):
             if not groups:  # no worker ever read it (none started yet, or Redis lost its groups)
                 pipe.xrange(keys.events(shard), min="-", max="+", count=1)
@@ -80,7 +81,8 @@ async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
     needed: dict[int, list[str]] = {}
     for (shard, kind), answer in zip(asked, answers, strict=True):
         if kind == "pending":
-            needed.setdefault(shard, []).append(str(answer["min"]))
+            if answer["min"] is not None:
+                needed.setdefault(shard, []).append(str(answer["min"]))
         elif answer:
             needed.setdefault(shard, []).append(str(answer[0][0]))
 
