@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -38,8 +37,10 @@ WRITE_THROUGH_TIMEOUT_S = 3.0
 INSERT_MOVEMENTS = """
 INSERT INTO stock_movement (shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id,
                             on_hand_after, held_after, sold_after, occurred_at)
-SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
-                     $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[])
+SELECT s, e, t, k, kind, q, r, u, oh, h, so, to_timestamp(at / 1000.0)
+FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+            $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+     AS b(s, e, t, k, kind, q, r, u, oh, h, so, at)
 ON CONFLICT (shard, event_id) DO NOTHING
 RETURNING shard
 """
@@ -95,8 +96,9 @@ ON CONFLICT (reservation_id, sku) DO UPDATE SET
 
 INSERT_RESERVATIONS = """
 INSERT INTO reservation (id, tenant, user_id, channel, items, created_at, expires_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::timestamptz[],
-                     $7::timestamptz[])
+SELECT id, t, u, c, items, to_timestamp(created / 1000.0), to_timestamp(NULLIF(expires, 0) / 1000.0)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bigint[], $7::bigint[])
+     AS b(id, t, u, c, items, created, expires)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -112,15 +114,12 @@ ON CONFLICT (shard) DO UPDATE SET
 """.replace("newer", "((EXCLUDED.last_event_ms, EXCLUDED.last_event_seq) > (p.last_event_ms, p.last_event_seq))")
 
 
-def _at(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
 def _columns(rows: Sequence[Sequence[object]], width: int) -> list[list[object]]:
-    columns: list[list[object]] = [[] for _ in range(width)]
-    for row in rows:
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
+    """Rows -> one list per column (the arrays unnest takes). Times travel as ms; SQL converts them."""
+    if not rows:
+        return [[] for _ in range(width)]
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    assert len(columns) == width
     return columns
 
 
@@ -146,7 +145,7 @@ async def persist_events(conn: Conn, events: Sequence[StreamEvent], *, progress:
                 int(f["on_hand"]),
                 int(f["held"]),
                 int(f["sold"]),
-                _at(int(f["at"])),
+                int(f["at"]),
             )
         )
     new_rows = await conn.fetch(INSERT_MOVEMENTS, *_columns(movements, 12))
@@ -219,8 +218,8 @@ async def _project_reservations(conn: Conn, ordered: Sequence[StreamEvent]) -> N
                         doc["user_id"],
                         doc.get("channel"),
                         orjson.dumps(doc["items"]).decode(),
-                        _at(int(f["at"])),
-                        _at(deadline) if deadline else None,
+                        int(f["at"]),
+                        deadline,
                     )
                 )
         row[7], row[8], row[9] = f["st"], f.get("pst"), f.get("cf")
@@ -259,6 +258,6 @@ class PostgresLedger:
                 [r.user_id],
                 [r.channel],
                 [orjson.dumps(r.items).decode()],
-                [_at(r.created_at_ms)],
-                [_at(r.expires_at_ms) if r.expires_at_ms else None],
+                [r.created_at_ms],
+                [r.expires_at_ms],
             )
