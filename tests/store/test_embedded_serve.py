@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.api.conftest import _free_port
 from tests.conftest import embedded_data_dir
+from tests.processes import free_port
 
 
 def _server_processes_under(data: Path) -> list[psutil.Process]:
@@ -40,7 +40,7 @@ def test_serve_starts_embedded_servers_and_stops_them_on_ctrl_c(tmp_path: Path) 
 
 
 def _serve_and_interrupt(data: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env["STOCKHOLD_DATA_DIR"] = str(data)
     log_path = tmp_path / "serve.log"
