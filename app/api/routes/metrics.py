@@ -15,40 +15,24 @@ from app.worker.status import pipeline_status
 router = APIRouter(tags=["operations"])
 
 
+# name -> help; every gauge is per shard, read from Redis and PostgreSQL at scrape time
+GAUGES = {
+    "stockhold_stream_length": "Entries in the shard's event stream",
+    "stockhold_stream_pending": "Events delivered to a worker and not yet acknowledged",
+    "stockhold_stream_undelivered": "Events no worker has read yet",
+    "stockhold_oldest_unpersisted_event_age_seconds": "Age of the oldest event not yet in PostgreSQL (0: none)",
+    "stockhold_shard_ready": "1 when the shard is rebuilt and serving, 0 while it awaits a rebuild",
+    "stockhold_events_persisted": "Events the write-behind workers have written for the shard",
+}
+
+
 class PipelineGauges:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["shard"]
-        self.length = Gauge(
-            "stockhold_stream_length", "Entries in the shard's event stream", labels, registry=self.registry
-        )
-        self.pending = Gauge(
-            "stockhold_stream_pending",
-            "Events delivered to a worker and not yet acknowledged",
-            labels,
-            registry=self.registry,
-        )
-        self.undelivered = Gauge(
-            "stockhold_stream_undelivered", "Events no worker has read yet", labels, registry=self.registry
-        )
-        self.oldest = Gauge(
-            "stockhold_oldest_unpersisted_event_age_seconds",
-            "Age of the oldest event not yet in PostgreSQL (0 when none waits)",
-            labels,
-            registry=self.registry,
-        )
-        self.ready = Gauge(
-            "stockhold_shard_ready",
-            "1 when the shard is rebuilt and serving, 0 while it awaits a rebuild",
-            labels,
-            registry=self.registry,
-        )
-        self.persisted = Gauge(
-            "stockhold_events_persisted",
-            "Events the write-behind workers have written for the shard",
-            labels,
-            registry=self.registry,
-        )
+        self.gauges = {name: Gauge(name, text, ["shard"], registry=self.registry) for name, text in GAUGES.items()}
+
+    def set(self, name: str, shard: int, value: float) -> None:
+        self.gauges[name].labels(str(shard)).set(value)
 
 
 @router.get("/metrics", summary="Prometheus metrics: the write-behind pipeline per shard")
@@ -56,12 +40,11 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     gauges: PipelineGauges = state.gauges
     for s in await pipeline_status(state.redis, state.pg, state.keys):
-        shard = str(s.shard)
-        gauges.length.labels(shard).set(s.backlog.length)
-        gauges.pending.labels(shard).set(s.backlog.pending)
-        gauges.undelivered.labels(shard).set(s.backlog.undelivered)
-        gauges.oldest.labels(shard).set(s.oldest_unpersisted_age_s)
-        gauges.ready.labels(shard).set(1 if s.ready else 0)
+        gauges.set("stockhold_stream_length", s.shard, s.backlog.length)
+        gauges.set("stockhold_stream_pending", s.shard, s.backlog.pending)
+        gauges.set("stockhold_stream_undelivered", s.shard, s.backlog.undelivered)
+        gauges.set("stockhold_oldest_unpersisted_event_age_seconds", s.shard, s.oldest_unpersisted_age_s)
+        gauges.set("stockhold_shard_ready", s.shard, 1 if s.ready else 0)
         if s.persisted_total is not None:
-            gauges.persisted.labels(shard).set(s.persisted_total)
+            gauges.set("stockhold_events_persisted", s.shard, s.persisted_total)
     return Response(generate_latest(gauges.registry), media_type=CONTENT_TYPE_LATEST)
