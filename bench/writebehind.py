@@ -197,9 +197,10 @@ async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) 
     from app.worker.ledger import INSERT_MOVEMENTS
 
     def rows(b: int, variant: int) -> list[tuple[object, ...]]:
+        """A batch as the worker has it: event times in ms (unnest takes them so; COPY wants timestamps,
+        converted inside its timing)."""
         ms = 1_800_000_000_000 + variant * 10_000_000 + b * 1000
-        at = datetime.fromtimestamp(ms / 1000, tz=UTC)
-        return [(i % SHARDS, f"{ms}-{i}", TENANT, "x", "held", 1, "r", "u", 9, 1, 0, at) for i in range(size)]
+        return [(i % SHARDS, f"{ms}-{i}", TENANT, "x", "held", 1, "r", "u", 9, 1, 0, ms) for i in range(size)]
 
     unnest_ms, copy_ms = [], []
     async with pg.acquire() as conn:
@@ -212,9 +213,10 @@ async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) 
 
             batch = rows(b, 2)
             t = time.perf_counter()
+            records = [(*r[:11], datetime.fromtimestamp(int(str(r[11])) / 1000, tz=UTC)) for r in batch]
             async with conn.transaction():
                 await conn.execute(STAGING)
-                await conn.copy_records_to_table("movement_staging", records=batch, columns=MOVEMENT_COLUMNS)
+                await conn.copy_records_to_table("movement_staging", records=records, columns=MOVEMENT_COLUMNS)
                 await conn.execute(COPY_UPSERT)
             copy_ms.append((time.perf_counter() - t) * 1000)
     return statistics.median(unnest_ms), statistics.median(copy_ms)

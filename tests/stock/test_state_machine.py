@@ -14,18 +14,25 @@ Per-user units (held + bought) are read from the per-user hash of DESIGN.md's ke
 Time is explicit: holds last 600 s or 7200 s of wall-clock time, far longer than a run, and expire only when
 the `expire` step sweeps at a future instant (1 h ahead: the 600 s holds are due; about 11 days ahead: every
 hold is due).
+
+PostgreSQL is the system of record, so at the end of every run (teardown) the write-behind worker drains the
+shard streams into it, and then (a) replaying the stock_movement ledger must give exactly Redis's counters and
+per-user units, and (b) the image a rebuild would load from PostgreSQL must equal Redis's stock state. The
+machine owns the ledger tables during a run: it empties them when it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import zlib
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import hypothesis
+import orjson
 import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event
 from hypothesis import strategies as st
@@ -38,10 +45,14 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from redis.asyncio import Redis
 
 from app.config import Settings
+from app.recovery.image import PartImage, load_images
+from app.recovery.rebuild import _part_fields
 from app.stock.clock import now_ms
 from app.stock.errors import SkuNotFound, StockConflict, StockError
+from app.stock.events import EFFECTS, StreamEvent
 from app.stock.keys import KeySpace
 from app.stock.schemas import (
     Adjustment,
@@ -57,7 +68,9 @@ from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.worker.consumer import GROUP, WriteBehindWorker
 from app.worker.ledger import PostgresLedger
+from tests.conftest import STATE_TABLES
 from tests.helpers import mark_ready
 
 T = TypeVar("T")
@@ -194,6 +207,102 @@ class Model:
         return [r for r in self.reservations.values() if r.status == HELD and r.ttl is not None and r.ttl < horizon_s]
 
 
+# -- the system of record -----------------------------------------------------------------------------
+
+
+@dataclass
+class ShardState:
+    """One shard's stock keys in Redis (found by KeySpace's key prefixes) and its stream's length."""
+
+    skus: dict[str, dict[str, str]] = field(default_factory=dict)  # sku -> its SKU hash
+    users: dict[str, dict[str, int]] = field(default_factory=dict)  # sku -> user -> units held + bought
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)  # reservation id -> its part hash
+    expiry: dict[str, int] = field(default_factory=dict)  # reservation id -> deadline (ms)
+    events_added: int = 0  # entries ever added to the shard's stream
+
+
+async def read_shards(redis: Redis, keys: KeySpace) -> dict[int, ShardState]:
+    """Every shard's stock keys: a SCAN per shard, then one pipeline reading them all. Called after
+    drain_streams, which created every shard's stream."""
+    names = [[key async for key in redis.scan_iter(match=keys.shard_pattern(s), count=1000)] for s in keys.all_shards()]
+    layout: list[tuple[int, str, str]] = []  # (shard, prefix, key) of each hash read, in pipeline order
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard, shard_keys in zip(keys.all_shards(), names, strict=True):
+            prefixes = (keys.sku(shard, TENANT, ""), keys.user_counts(shard, TENANT, ""), keys.reservation(shard, ""))
+            for key in shard_keys:
+                for prefix in prefixes:
+                    if key.startswith(prefix):
+                        layout.append((shard, prefix, key))
+                        pipe.hgetall(key)
+        for shard in keys.all_shards():
+            pipe.zrange(keys.expiry(shard), 0, -1, withscores=True)
+            pipe.xinfo_stream(keys.events(shard))
+        replies = await pipe.execute()
+    hashes, tail = replies[: len(layout)], replies[len(layout) :]
+    shards = {shard: ShardState() for shard in keys.all_shards()}
+    for (shard, prefix, key), fields in zip(layout, hashes, strict=True):
+        state, name = shards[shard], key.removeprefix(prefix)
+        if prefix == keys.sku(shard, TENANT, ""):
+            state.skus[name] = fields
+        elif prefix == keys.user_counts(shard, TENANT, ""):
+            state.users[name] = {user: int(units) for user, units in fields.items()}
+        else:
+            state.parts[name] = fields
+    for shard, scores, stream in zip(keys.all_shards(), tail[::2], tail[1::2], strict=True):
+        shards[shard].expiry = {rid: int(deadline) for rid, deadline in scores}
+        shards[shard].events_added = stream["entries-added"]
+    return shards
+
+
+async def drain_streams(redis: Redis, keys: KeySpace, worker: WriteBehindWorker) -> None:
+    """Persists every event the shard streams hold through the write-behind worker, as it runs in production:
+    ensure_groups, then step() until the group has been handed every entry and has acknowledged it.
+
+    (Stepping until step() returns 0 would do too, but that last, idle step blocks until its timeout, which
+    the server enforces at its `hz` resolution: about 100 ms at the default, on every example.)"""
+    await worker.ensure_groups()
+    for _ in range(1_000):  # bounded: a run emits a few hundred events, which drain in a step or two
+        if not await undrained(redis, keys):
+            return
+        assert await worker.step() > 0, "the group has entries to deliver, yet a worker step handled none"
+    raise AssertionError(f"the write-behind worker did not drain the shard streams: {await undrained(redis, keys)}")
+
+
+async def undrained(redis: Redis, keys: KeySpace) -> dict[int, tuple[str, str, int]]:
+    """Shards whose consumer group has not been handed every entry of the stream, or has some unacknowledged:
+    shard -> (last entry id, last id delivered to the group, entries pending)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in keys.all_shards():
+            pipe.xinfo_stream(keys.events(shard))
+            pipe.xinfo_groups(keys.events(shard))
+        replies = await pipe.execute()
+    behind: dict[int, tuple[str, str, int]] = {}
+    for shard, stream, groups in zip(keys.all_shards(), replies[::2], replies[1::2], strict=True):
+        (group,) = [g for g in groups if g["name"] == GROUP]
+        last, delivered, pending = stream["last-generated-id"], group["last-delivered-id"], group["pending"]
+        if delivered != last or pending:
+            behind[shard] = (last, delivered, pending)
+    return behind
+
+
+def part_fields(part: PartImage) -> dict[str, Any]:
+    """The fields a rebuild writes for a reservation part (app/recovery/rebuild.py), as Redis returns them;
+    the document parsed, since PostgreSQL keeps it as jsonb and may spell it differently."""
+    fields = {k: str(v) for k, v in _part_fields(part).items()}
+    if "doc" in fields:
+        fields["doc"] = orjson.loads(fields["doc"])
+    return fields
+
+
+def redis_part_fields(part: dict[str, str]) -> dict[str, Any]:
+    """A part hash as Redis holds it, minus `ce` (the stream ids of its confirm's events: a cache for
+    confirm's ALREADY reply that a rebuild does not restore, the stream not being stock state)."""
+    fields: dict[str, Any] = {k: v for k, v in part.items() if k != "ce"}
+    if "doc" in fields:
+        fields["doc"] = orjson.loads(fields["doc"])
+    return fields
+
+
 # -- the machine --------------------------------------------------------------------------------------
 
 sku_settings = st.builds(
@@ -236,6 +345,11 @@ class StockMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.redis = connect_redis(redis_url, pool_size=16)
         self.pg = self.run(create_pool(database_url, max_size=2))
+        # The machine owns the database during a run: the ledger must hold this run's events only, or
+        # replaying it could not give this run's counters. DELETE rather than TRUNCATE: the same for these
+        # tables (no sequences, foreign keys or triggers) and a run leaves only a few hundred rows, but
+        # TRUNCATE gives every table new files, ~30 ms per example here, ~2 s per test run.
+        self.run(self.pg.execute("; ".join(f"DELETE FROM {table}" for table in STATE_TABLES)))
         self.keys = KeySpace(SHARDS)
         scripts = Scripts(self.redis)
         self.run(self.redis.flushdb())
@@ -257,11 +371,105 @@ class StockMachine(RuleBasedStateMachine):
             await self.redis.connection_pool.disconnect()
 
         try:
-            self.run(close())
+            # Hypothesis calls teardown in a `finally` after the last step, and an assertion raised here
+            # fails the example (and is shrunk) like one raised by a rule. When a step already failed, that
+            # failure is in flight (sys.exc_info() sees it from this `finally`): the check is skipped so it
+            # does not replace the failure to report.
+            if sys.exc_info()[1] is None:
+                self.run(self.check_system_of_record())
         finally:
-            self.loop.close()
+            try:
+                self.run(close())
+            finally:
+                self.loop.close()
 
     # -- checks ---------------------------------------------------------------------------------------
+
+    async def check_system_of_record(self) -> None:
+        """After the run: PostgreSQL, once the worker drained every shard stream into it, holds exactly
+        Redis's state, whether read as a ledger (replayed) or as the image a rebuild would load."""
+        worker = WriteBehindWorker(self.redis, self.pg, self.keys, consumer="machine", block_ms=1)
+        await drain_streams(self.redis, self.keys, worker)
+        real = await read_shards(self.redis, self.keys)
+        await self.check_ledger_replays_to_redis(real)
+        await self.check_rebuild_image_equals_redis(real)
+
+    async def check_ledger_replays_to_redis(self, real: dict[int, ShardState]) -> None:
+        rows = await self.pg.fetch(
+            "SELECT shard, event_id, tenant, sku, kind, quantity, user_id, on_hand_after, held_after, sold_after "
+            "FROM stock_movement"
+        )
+        emitted = sum(state.events_added for state in real.values())
+        assert len(rows) == emitted, f"the ledger has {len(rows)} movements, the shard streams emitted {emitted}"
+        # Event ids are "<ms>-<seq>": ordered within their shard only, and not as text ("9-0" > "10-0").
+        rows.sort(key=lambda r: (r["shard"], StreamEvent(r["shard"], r["event_id"], {}).position))
+        counters: dict[tuple[int, str], list[int]] = {}  # (shard, sku) -> [on_hand, held, sold]
+        units: dict[tuple[int, str], dict[str, int]] = {}  # (shard, sku) -> user -> units
+        for row in rows:
+            assert row["tenant"] == TENANT, row
+            sku = (row["shard"], row["sku"])
+            replayed = counters.setdefault(sku, [0, 0, 0])
+            if row["kind"] == "sku_set":  # absolute: on_hand := on_hand (held and sold stay)
+                replayed[0] = row["on_hand_after"]
+            else:
+                assert row["kind"] in EFFECTS, f"event type {row['kind']} has no entry in EFFECTS"
+                *deltas, user_delta = EFFECTS[row["kind"]]
+                for i, factor in enumerate(deltas):
+                    replayed[i] += factor * row["quantity"]
+                if user_delta:
+                    per_user = units.setdefault(sku, {})
+                    per_user[row["user_id"]] = per_user.get(row["user_id"], 0) + user_delta * row["quantity"]
+            # Every event carries the SKU's counters after its change, so the replay must agree event by
+            # event: on a mismatch this names the first event where the ledger and Redis part ways.
+            after = [row["on_hand_after"], row["held_after"], row["sold_after"]]
+            assert replayed == after, (
+                f"replaying up to {row['kind']} {row['event_id']} of {sku} gives (on_hand, held, sold) "
+                f"{replayed}, the event says {after}"
+            )
+        real_counters = {
+            (shard, sku): [int(h["on_hand"]), int(h["held"]), int(h["sold"])]
+            for shard, state in real.items()
+            for sku, h in state.skus.items()
+        }
+        assert counters == real_counters, "replayed ledger (on_hand, held, sold) vs Redis"
+        # Redis drops a user's field at zero units (and the hash with its last field): so does the replay.
+        replayed_units = {sku: {u: n for u, n in per.items() if n} for sku, per in units.items()}
+        real_units = {(shard, sku): users for shard, state in real.items() for sku, users in state.users.items()}
+        assert {k: v for k, v in replayed_units.items() if v} == real_units, "replayed per-user units vs Redis"
+
+    async def check_rebuild_image_equals_redis(self, real: dict[int, ShardState]) -> None:
+        images = await load_images(self.pg, self.keys, self.keys.all_shards())
+        for shard, image in images.items():
+            state = real[shard]
+            # PostgreSQL is complete and consistent here: a rebuild must not need to repair anything.
+            assert not image.raised, f"shard {shard}: the image raised on_hand {image.raised}"
+            assert not [p.reservation_id for p in image.parts if p.dropped], f"shard {shard}: the image dropped holds"
+            image_skus = {
+                s.sku: (s.on_hand, s.safety_stock, s.held, s.sold, s.mode, s.hold_ttl_seconds, s.per_user_limit)
+                for s in image.skus.values()
+            }
+            real_skus = {
+                sku: (
+                    int(h["on_hand"]),
+                    int(h["safety_stock"]),
+                    int(h["held"]),
+                    int(h["sold"]),
+                    h["mode"],
+                    int(h["hold_ttl_seconds"]),
+                    int(h["per_user_limit"]),
+                )
+                for sku, h in state.skus.items()
+            }
+            assert image_skus == real_skus, f"shard {shard}: image SKUs vs Redis"
+            assert {s.tenant for s in image.skus.values()} <= {TENANT}
+            image_users = {sku: users for (_, sku), users in image.users.items()}
+            assert image_users == state.users, f"shard {shard}: image per-user units vs Redis"
+            assert image.expiry() == state.expiry, f"shard {shard}: image expiry index vs Redis"
+            image_parts = {p.reservation_id: part_fields(p) for p in image.parts}
+            real_parts = {rid: redis_part_fields(h) for rid, h in state.parts.items()}
+            statuses = {rid: f["st"] for rid, f in image_parts.items()}
+            assert statuses == {rid: f["st"] for rid, f in real_parts.items()}, f"shard {shard}: part statuses"
+            assert image_parts == real_parts, f"shard {shard}: image reservation parts vs Redis"
 
     def check_refusal(self, error: StockError, expected: Refusals) -> None:
         assert expected, f"refused with {error.code} ({error.detail}) but the model grants it"
@@ -447,6 +655,9 @@ def test_sku_layout_spans_shards() -> None:
     assert keys.shard_of(TENANT, GHOST) in shards
 
 
+# pg_pool applies the migrations (the machine's own pool does not): without it, run alone, every confirm's
+# write-through found no stock_movement table.
+@pytest.mark.usefixtures("pg_pool")
 def test_random_operations_match_the_model(settings: Settings) -> None:
     redis_url, database_url = settings.redis_url, settings.database_url
     assert redis_url and database_url
@@ -461,6 +672,7 @@ def test_random_operations_match_the_model(settings: Settings) -> None:
     )
 
 
+@pytest.mark.usefixtures("pg_pool")  # the migrations, as above
 @pytest.mark.parametrize(
     "on_payment_sku",
     [
