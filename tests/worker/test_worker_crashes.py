@@ -354,11 +354,13 @@ async def test_two_worker_processes_racing_on_one_group_write_every_event_once(
     assert len(emitted) == await total_events(redis, keys) > 500
     assert await caught_up(redis, keys, AUDIT)
     await assert_exactly_once(redis, pg, keys, emitted)
-    # both took part: a consumer's 'inactive' stays -1 until some read hands it an entry
+    # both took part: a consumer's 'inactive' stays -1 until some read hands it an entry. Redis before 7.2
+    # (the machine's 7.0 in CI's second run) has no 'inactive'; there, both having joined the group by
+    # reading is what can be shown
     active = Counter[str]()
     for s in keys.all_shards():
         for c in await redis.xinfo_consumers(keys.events(s), GROUP):
-            active[c["name"]] += c["inactive"] != -1
+            active[c["name"]] += c["inactive"] != -1 if "inactive" in c else 1
     assert active["w1"] > 0 and active["w2"] > 0, active
     # the workers' own count of new ledger rows: at most every event once, and everything but what
     # confirm's write-through may have inserted first
