@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -92,6 +92,13 @@ def migrate() -> None:
 
 
 T = TypeVar("T")
+
+
+def _table(rows: Sequence[Sequence[str]], *, right: bool) -> str:
+    """Rows of cells as aligned columns (the first row is the heading); `right` aligns numbers."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    pad = str.rjust if right else str.ljust
+    return "\n".join("  ".join(pad(c, w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 @dataclass
@@ -198,8 +205,7 @@ def reconcile(
     def table(drift: list[Drift]) -> str:
         rows = [("shard", "tenant", "sku", "field", "redis", "postgresql")]
         rows += [(str(d.shard), d.tenant, d.sku, d.field, d.redis, d.postgres) for d in drift]
-        widths = [max(len(r[i]) for r in rows) for i in range(6)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+        return _table(rows, right=False)
 
     async def body(s: _Stores) -> list[Drift]:
         drift = await compare(s.redis, s.pg, s.keys)
@@ -253,9 +259,7 @@ def status() -> None:
         )
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for line in lines:
-        typer.echo("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    typer.echo(_table(lines, right=True))
     waiting = sum(r.backlog.unpersisted for r in rows)
     oldest = max((r.oldest_unpersisted_age_s for r in rows), default=0.0)
     typer.echo(
