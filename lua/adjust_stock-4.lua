@@ -46,7 +46,7 @@ elseif s.on_hand + delta - s.safety < s.held + s.sold then
 else
   local on_hand = redis.call('HINCRBY', KEYS[1], 'on_hand', delta)
   emit(KEYS[2], 'adjusted', ARGV[1], ARGV[2], delta, '', '', on_hand, s.held, s.sold, ARGV[4],
-    {'reason', ARGV[5]})
+    'reason', ARGV[5])
   result = {0, on_hand, s.safety, s.held, s.sold, s.mode, s.ttl, s.limit}
 end
 idem_store(KEYS[3], ARGV[6], ARGV[7], result)

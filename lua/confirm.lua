@@ -87,7 +87,7 @@ if #short > 0 then
   return short
 end
 
-local after = {'st', 'confirmed', 'pst', st, 'cf', from_hold and 'h' or 'd'}
+local how = from_hold and 'h' or 'd'
 local first, last
 for i = 1, n do
   local l = lines[i]
@@ -96,14 +96,16 @@ for i = 1, n do
     held = l.s.held
     sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
     add_user_units(l.user_key, user, l.qty)
-    last = emit(stream, 'sold', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now, after)
+    last = emit(stream, 'sold', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now,
+      'st', 'confirmed', 'pst', st, 'cf', how)
   else
     held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
     sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
-    last = emit(stream, 'confirmed', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now, after)
+    last = emit(stream, 'confirmed', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now,
+      'st', 'confirmed', 'pst', st, 'cf', how)
   end
   first = first or last
 end
-redis.call('HSET', part, 'st', 'confirmed', 'pst', st, 'cf', from_hold and 'h' or 'd', 'ce', first .. ' ' .. last)
+redis.call('HSET', part, 'st', 'confirmed', 'pst', st, 'cf', how, 'ce', first .. ' ' .. last)
 redis.call('ZREM', expiry, id)
 return {0, 'confirmed', first, last}

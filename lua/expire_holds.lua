@@ -53,9 +53,9 @@ for _ = 1, count do
       if st == 'held' and line[2] == '1' then
         local held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
-        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now, {'st', 'expired'})
+        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now, 'st', 'expired')
       else
-        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now, {'st', 'expired'})
+        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now, 'st', 'expired')
       end
     end
     redis.call('HSET', part, 'st', 'expired')

@@ -54,17 +54,16 @@ if not lines then
 end
 
 local kind = how == 'undo' and 'undone' or 'released'
-local after = {'st', how == 'undo' and 'undone' or 'released'}
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
   if st == 'held' and l.held then
     local held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now, after)
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now, 'st', kind)
   else
     -- the line held nothing (on_payment, or the part was pending or expired): no counter moves
-    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now, after)
+    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now, 'st', kind)
   end
 end
 redis.call('ZREM', expiry, id)

@@ -39,17 +39,16 @@ if not lines then
   return {-5}
 end
 
-local after = {'st', previous}
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
   local sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
   if how == 'h' and l.held then
     local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
-    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now, after)
+    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now, 'st', previous)
   else
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now, after)
+    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now, 'st', previous)
   end
 end
 redis.call('HSET', part, 'st', previous)

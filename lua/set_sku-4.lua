@@ -55,8 +55,8 @@ else
   redis.call('HSET', KEYS[1], 'on_hand', on_hand, 'safety_stock', safety, 'held', held, 'sold', sold,
     'mode', ARGV[5], 'hold_ttl_seconds', ARGV[6], 'per_user_limit', ARGV[7])
   emit(KEYS[2], 'sku_set', ARGV[1], ARGV[2], on_hand - (current and current.on_hand or 0), '', '',
-    on_hand, held, sold, ARGV[8], {'safety_stock', safety, 'mode', ARGV[5], 'hold_ttl_seconds', ARGV[6],
-    'per_user_limit', ARGV[7]})
+    on_hand, held, sold, ARGV[8], 'safety_stock', safety, 'mode', ARGV[5], 'hold_ttl_seconds', ARGV[6],
+    'per_user_limit', ARGV[7])
   result = {created, on_hand, safety, held, sold, ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])}
 end
 idem_store(KEYS[3], ARGV[9], ARGV[10], result)

@@ -79,6 +79,8 @@ _STATUS_PRECEDENCE = [
 
 
 def combine_statuses(statuses: Sequence[str]) -> ReservationStatus:
+    if len(statuses) == 1:
+        return ReservationStatus(statuses[0])
     present = {ReservationStatus(s) for s in statuses}
     for status in _STATUS_PRECEDENCE:
         if status in present:
@@ -224,7 +226,7 @@ class StockService:
         doc = orjson.dumps(
             {
                 "user_id": request.user_id,
-                "items": [item.model_dump() for item in request.items],
+                "items": [{"sku": item.sku, "quantity": item.quantity} for item in request.items],
                 "channel": request.channel,
             }
         ).decode()
@@ -386,6 +388,8 @@ class StockService:
         return self.keys.idempotency(shard, tenant, idem.scope, idem.key)
 
     def _group(self, tenant: str, items: Sequence[ReservationItem]) -> list[_Part]:
+        if len(items) == 1:  # most reservations: no grouping to do
+            return [_Part(self.keys.shard_of(tenant, items[0].sku), [(0, items[0])])]
         by_shard: dict[int, list[tuple[int, ReservationItem]]] = {}
         for index, item in enumerate(items):
             by_shard.setdefault(self.keys.shard_of(tenant, item.sku), []).append((index, item))

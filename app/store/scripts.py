@@ -5,8 +5,10 @@ File names carry the contract, as in BullMQ: ``verb_noun-<numkeys>.lua`` for a f
 replaced by ``lua/includes/name.lua`` before hashing, so there is no hand-kept registry and no Lua inside
 Python strings.
 
-Calls go through redis-py's ``AsyncScript`` objects: EVALSHA, and on NOSCRIPT (Redis restarted, flushed,
-or a new cluster primary) SCRIPT LOAD then EVALSHA again.
+Calls are EVALSHA, coalesced with the other calls of the same event-loop tick into one pipeline
+(app/store/batching.py); on NOSCRIPT (Redis restarted, flushed, or a new cluster primary) redis-py's
+``AsyncScript`` does SCRIPT LOAD then EVALSHA again. A call given a ``client`` (a MULTI pipeline) goes
+through that client instead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from app.store.batching import ScriptBatcher
 
 LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 _INCLUDE = re.compile(r"^--@include\s+(\w+)\s*$", re.MULTILINE)
@@ -69,6 +74,7 @@ class Scripts:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(src.body) for name, src in self.sources.items()
         }
+        self._batcher = ScriptBatcher(redis)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script once at start, so the first requests do not pay for it."""
@@ -82,4 +88,11 @@ class Scripts:
         src = self.sources[name]
         if src.numkeys is not None and len(keys) != src.numkeys:
             raise ValueError(f"{name} takes {src.numkeys} keys, got {len(keys)}")
-        return await self._scripts[name](keys=list(keys), args=list(args), client=client)
+        if client is not None:
+            return await self._scripts[name](keys=list(keys), args=list(args), client=client)
+        script = self._scripts[name]
+        try:
+            return await self._batcher.call(str(script.sha), keys, args)
+        except NoScriptError:
+            # Redis lost its script cache (restart, flush, failover): the Script loads it and calls again
+            return await script(keys=list(keys), args=list(args))
