@@ -66,6 +66,8 @@ def serve(
             port=port or settings.port,
             workers=workers,
             log_level="info",
+            access_log=settings.access_log,
+            timeout_keep_alive=settings.keep_alive_seconds,
         )
 
 

@@ -53,6 +53,16 @@ class Settings(BaseSettings):
     # runs `stockhold rebuild`.
     auto_rebuild: bool = Field(default=True, validation_alias="STOCKHOLD_AUTO_REBUILD")
 
+    # One log line per request costs a reservation about a tenth of its CPU at flash-sale rates (uvicorn's
+    # access log, measured); /metrics counts requests instead. True for a trial that wants to see them.
+    access_log: bool = Field(default=False, validation_alias="STOCKHOLD_ACCESS_LOG")
+
+    # How long an idle client connection stays open. It must outlast the idle timeout of whatever pools
+    # connections in front of us (httpx and aiohttp keep 5 s, AWS ALB 60 s): when both sides give up at the
+    # same moment, the client sends a request on a connection the server is closing and gets a reset
+    # instead of an answer. uvicorn's own default is 5 s, exactly that race; 75 s is nginx's default.
+    keep_alive_seconds: int = Field(default=75, ge=1, le=3600, validation_alias="STOCKHOLD_KEEP_ALIVE_SECONDS")
+
     # Tenant used until API keys arrive: every key and event already carries a tenant.
     default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
 

@@ -13,13 +13,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from app.api.body_guard import BodyGuard
+from app.api.hot_path import is_hot, serve_reserve
 from app.api.problems import install_problem_handlers
 from app.api.routes import metrics, ops, reservations, skus
 from app.config import Settings, get_settings
 from app.recovery.rebuild import Rebuilder
 from app.recovery.watch import ReadinessWatch
+from app.runtime import freeze_startup_heap
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
 from app.stock.service import StockService
@@ -31,6 +34,10 @@ from app.worker.consumer import WriteBehindWorker
 from app.worker.ledger import PostgresLedger
 
 log = logging.getLogger("stockhold")
+# A worker sharing the event loop with requests persists smaller batches than `stockhold worker` (500):
+# encoding a batch holds the loop for ~0.1 ms per event, and 500-event steps showed as the p99 of
+# reservations (wrk, 2 workers: p99 25 ms at 500, 17.5 ms at 100, throughput 6,850 -> 7,200/s).
+IN_PROCESS_WORKER_BATCH = 100
 
 
 @asynccontextmanager
@@ -55,13 +62,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.sweeper, app.state.watch = sweeper, watch
         await watch.check_once()  # recovery before serving: rebuild what Redis lost (when automatic)
+        freeze_startup_heap()  # after everything start-up allocates: see app/runtime.py
         tasks = [
             asyncio.create_task(sweeper.run(stop), name="expiry-sweeper"),
             asyncio.create_task(watch.run(stop), name="readiness-watch"),
         ]
         app.state.sweeper_task = tasks[0]
         if settings.worker_in_process:
-            worker = WriteBehindWorker(redis, pg, keys, consumer=f"api-{socket.gethostname()}-{os.getpid()}")
+            consumer = f"api-{socket.gethostname()}-{os.getpid()}"
+            worker = WriteBehindWorker(redis, pg, keys, consumer=consumer, batch=IN_PROCESS_WORKER_BATCH)
             await worker.ensure_groups()  # before serving, so the streams and groups exist from the start
             app.state.worker = worker
             tasks.append(asyncio.create_task(worker.run(stop), name="write-behind"))
@@ -75,9 +84,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pg.close()
 
 
+class Stockhold(FastAPI):
+    """FastAPI with the reserve hot path (app/api/hot_path.py) in front of its middleware stack."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_hot(scope):
+            await serve_reserve(self.state, scope, receive, send, super().__call__)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    app = Stockhold(
         title="stockhold",
         version="0.1.0",
         summary="Stock reservations that never oversell: atomic Redis holds, PostgreSQL system of record.",

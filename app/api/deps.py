@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.datastructures import State
 
 from app.stock.idempotency import MAX_KEY_LENGTH, IdempotencyStore
 from app.stock.service import StockService
@@ -26,10 +27,15 @@ def get_idempotency_store(request: Request) -> IdempotencyStore:
     return store
 
 
-def get_tenant(request: Request) -> str:
-    # One tenant until API keys arrive; every key, event and reservation already carries it.
-    tenant: str = request.app.state.settings.default_tenant
+def tenant_of(state: State) -> str:
+    """The tenant a request acts for; the hot path (app/api/hot_path.py) asks here too.
+    One tenant until API keys arrive; every key, event and reservation already carries it."""
+    tenant: str = state.settings.default_tenant
     return tenant
+
+
+def get_tenant(request: Request) -> str:
+    return tenant_of(request.app.state)
 
 
 ServiceDep = Annotated[StockService, Depends(get_service)]

@@ -64,6 +64,18 @@ def from_stock_error(exc: errors.StockError, instance: str | None = None) -> Res
     return response
 
 
+def store_unavailable(exc: Exception, instance: str | None = None) -> Response:
+    """Redis unreachable or too slow: 503 not_ready, worth retrying soon."""
+    log.warning("Redis unavailable: %r", exc)
+    response = problem(503, "not_ready", "Service not ready", "the stock store is unavailable; retry shortly", instance)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def internal_error(instance: str | None = None) -> Response:
+    return problem(500, "internal_error", "Internal error", "an unexpected error occurred", instance)
+
+
 def validation_problem(
     detail: str, instance: str | None = None, errors_: list[dict[str, Any]] | None = None
 ) -> Response:
@@ -79,17 +91,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> Response:
-        log.warning("Redis unavailable: %r", exc)
-        response = problem(
-            503, "not_ready", "Service not ready", "the stock store is unavailable; retry shortly", request.url.path
-        )
-        response.headers["Retry-After"] = "1"
-        return response
+        return store_unavailable(exc, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "internal_error", "Internal error", "an unexpected error occurred", request.url.path)
+        return internal_error(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -11,7 +11,8 @@ from app.api.problems import PROBLEM_JSON
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+    # to_json gives the bytes model_dump_json would decode to str (and Response encode back)
+    return Response(model.__pydantic_serializer__.to_json(model), status_code=status, media_type="application/json")
 
 
 def stored_response(status: int, body: bytes) -> Response:

@@ -28,3 +28,24 @@ async def test_two_workers_2000_buyers_one_bottle(server: str) -> None:
 
     assert outcomes == {(201, "held"): 1, (409, "insufficient_stock"): 1999}
     assert (state["held"], state["sold"], state["available"]) == (1, 0, 0)
+
+
+async def test_an_idle_connection_outlasts_the_clients_pool_so_a_reused_one_is_never_reset(server: str) -> None:
+    # httpx, like most client pools, drops a connection idle for 5 s. A server that closes at the same 5 s
+    # (uvicorn's default) races the client: a request sent as the server closes gets a reset, not an answer.
+    host, port = server.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+
+    async def healthz() -> bytes:
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(int(length.split(b":")[1]))
+        return head
+
+    try:
+        assert (await healthz()).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(6)  # idle for longer than the client's pool keeps it
+        assert (await healthz()).startswith(b"HTTP/1.1 200"), "the server closed a connection idle for 6 s"
+    finally:
+        writer.close()

@@ -13,6 +13,7 @@ from app.api.idempotent import run_idempotent
 from app.api.responses import json_response, problem_schema
 from app.stock.idempotency import IdempotencyStore
 from app.stock.schemas import Reservation, ReservationRequest
+from app.stock.service import StockService
 
 router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
 
@@ -63,7 +64,21 @@ async def create_reservation(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    async def reserve(reservation_id: str, retry: bool) -> Response:
+    return await reserve(service, store, tenant, body, idempotency_key, request.url.path)
+
+
+async def reserve(
+    service: StockService,
+    store: IdempotencyStore,
+    tenant: str,
+    body: ReservationRequest,
+    idempotency_key: str | None,
+    instance: str,
+) -> Response:
+    """The reservation under its Idempotency-Key, if any; the route and the hot path (app/api/hot_path.py)
+    both answer through here."""
+
+    async def run(reservation_id: str, retry: bool) -> Response:
         return json_response(await service.reserve(tenant, body, reservation_id, retry), 201)
 
     return await run_idempotent(
@@ -73,8 +88,8 @@ async def create_reservation(
         "POST /v1/reservations",
         lambda: body.model_dump(mode="json"),
         service.new_reservation_id(tenant, body),
-        request.url.path,
-        reserve,
+        instance,
+        run,
     )
 
 
