@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,12 +38,12 @@ from redis.asyncio import Redis
 from app.stock.keys import KeySpace
 from app.stock.schemas import ReservationItem, ReservationRequest, SkuSettings
 from app.stock.service import StockService
-from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
 from app.worker.backlog import read_backlog
 from app.worker.ledger import PostgresLedger
+from bench.servers import free_port, stop, workspace
 
 SHARDS = 16
 TENANT = "default"
@@ -60,12 +56,6 @@ HTTP_CONCURRENCY = 32
 STATE_TABLES = "stock_movement, sku, reservation, reservation_line, worker_progress"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("wb")
     return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -74,16 +64,6 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 def start_baseline(port: int, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "uvicorn", "bench.trivial_asgi:app", "--port", str(port), "--workers", "2"]
     return subprocess.Popen([*cmd, "--log-level", "warning"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def reset(redis: Redis, pg: asyncpg.Pool, keys: KeySpace) -> None:
@@ -224,17 +204,8 @@ async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) 
 
 async def main() -> None:
     with ExitStack() as stack:
-        work = Path(tempfile.mkdtemp(prefix="stockhold-bench-"))
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        redis_url, database_url = os.environ.get("REDIS_URL"), os.environ.get("DATABASE_URL")
-        if not redis_url:
-            embedded_redis = EmbeddedRedis(work / "redis")
-            redis_url = embedded_redis.start()
-            stack.callback(embedded_redis.stop)
-        if not database_url:
-            embedded_pg = EmbeddedPostgres(work / "postgres")
-            database_url = embedded_pg.start()
-            stack.callback(embedded_pg.stop)
+        ws = workspace(stack)
+        work, redis_url, database_url = ws.work, ws.redis_url, ws.database_url
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "STOCKHOLD_SHARDS": str(SHARDS)}
         print(f"servers: {redis_url} and PostgreSQL at {database_url.split('@')[-1]}", flush=True)
 
