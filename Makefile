@@ -48,7 +48,7 @@ wrk:
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.hotpath
 
-bench-writebehind: $(STAMP)
+bench-writebehind: $(STAMP) wrk
 	$(BIN)/python -m bench.writebehind
 
 loadtest: $(STAMP)

@@ -128,6 +128,13 @@ async def wait_answering(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
+def wrk_script(work: Path) -> Path:
+    """bench/wrk/reserve.lua with the hook that prints wrk's figures as JSON, written into `work`."""
+    script = work / "reserve.lua"
+    script.write_text(WRK_SCRIPT.read_text() + WRK_DONE)
+    return script
+
+
 def wrk(base: str, design: str, seconds: int, script: Path) -> Round:
     cmd = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), base + PATHS[design]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
@@ -268,8 +275,7 @@ async def main() -> int:
             "STOCKHOLD_SHARDS": str(SHARDS),
             "STOCKHOLD_ACCESS_LOG": "false",
         }
-        script = work / "reserve.lua"
-        script.write_text(WRK_SCRIPT.read_text() + WRK_DONE)
+        script = wrk_script(work)
         env["BENCH_SKU"] = SKU
         os.environ["BENCH_SKU"] = SKU  # wrk reads it
 

@@ -2,20 +2,21 @@
 
 Prints, all measured in this run on this machine:
 
-1. the service's reserve rate: `stockhold serve --workers 2` (worker in process) under HTTP load for a
-   few seconds, 1 line per reservation (= 1 event);
+1. the service's reserve rate: `stockhold serve --workers 2` (worker in process) loaded by wrk for a
+   few seconds as `make bench` loads it (installs wrk), 1 line per reservation (= 1 event);
 2. write-behind lag under a sustained, paced 2,000 reservations/s for 20 s (reservations made through
    StockService in this process so the pace holds whatever the HTTP client costs; one `stockhold worker`
    process persists): p50 / p99 / max of (row written in PostgreSQL - event time);
 3. the worker's maximum sustained rate: a backlog built with no worker running, then drained by one
    `stockhold worker` process: events/s, and its ratio to (1);
-4. the ledger insert itself, unnest (what ledger.py does) against COPY into a staging table then
-   INSERT ... ON CONFLICT, median per 500-event batch.
+4. the ledger insert itself three ways: JSON rows through json_to_recordset (what ledger.py does), one
+   array per column through unnest, COPY into a staging table then INSERT ... ON CONFLICT; median per
+   500-event batch and this process's CPU per row.
 
 Targets (issue 3): lag p99 < 1 s; worker rate >= 5x the reserve rate.
 
-    make bench                      # embedded servers in a temporary directory
-    REDIS_URL=... DATABASE_URL=... make bench   # or given servers (their stock state is wiped!)
+    make bench-writebehind          # embedded servers in a temporary directory
+    REDIS_URL=... DATABASE_URL=... make bench-writebehind   # or given servers (their stock state is wiped!)
 
 Everything runs on 127.0.0.1, bounded in time (about 90 s), and stops the processes it started.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
@@ -43,6 +45,7 @@ from app.store.redis import connect_redis
 from app.store.scripts import Scripts
 from app.worker.backlog import read_backlog
 from app.worker.ledger import PostgresLedger
+from bench import hotpath
 from bench.servers import free_port, stop, workspace
 
 SHARDS = 16
@@ -52,18 +55,12 @@ PACE_PER_S = 2_000
 PACE_SECONDS = 20
 BACKLOG_EVENTS = 60_000
 HTTP_SECONDS = 5
-HTTP_CONCURRENCY = 32
 STATE_TABLES = "stock_movement, sku, reservation, reservation_line, worker_progress"
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("wb")
     return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def start_baseline(port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "uvicorn", "bench.trivial_asgi:app", "--port", str(port), "--workers", "2"]
-    return subprocess.Popen([*cmd, "--log-level", "warning"], stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 async def reset(redis: Redis, pg: asyncpg.Pool, keys: KeySpace) -> None:
@@ -102,27 +99,6 @@ async def wait_ready(base: str, timeout_s: float = 30) -> None:
                 pass
             await asyncio.sleep(0.2)
     raise TimeoutError(f"{base} not ready in {timeout_s}s")
-
-
-async def http_reserve_rate(base: str) -> float:
-    """Reservations/s `stockhold serve --workers 2` grants to HTTP_CONCURRENCY keep-alive clients."""
-    done = 0
-    deadline = time.perf_counter() + HTTP_SECONDS
-    async with httpx.AsyncClient(base_url=base, timeout=10, limits=httpx.Limits(max_connections=HTTP_CONCURRENCY)) as c:
-
-        async def client(n: int) -> None:
-            nonlocal done
-            i = n
-            while time.perf_counter() < deadline:
-                body = {"user_id": f"h{i}", "items": [{"sku": SKUS[i % len(SKUS)], "quantity": 1}]}
-                r = await c.post("/v1/reservations", json=body)
-                assert r.status_code == 201, r.text
-                done += 1
-                i += HTTP_CONCURRENCY
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client(n) for n in range(HTTP_CONCURRENCY)))
-        return done / (time.perf_counter() - started)
 
 
 async def paced(service: StockService, per_s: int, seconds: int) -> tuple[int, float]:
@@ -169,37 +145,66 @@ MOVEMENT_COLUMNS = [
 ]  # fmt: skip
 
 
-async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) -> tuple[float, float]:
-    """Median ms per batch for the ledger insert: unnest (ledger.py) vs COPY to a staging table + upsert.
-    Only the stock_movement insert differs; the projections are left out of both."""
+UNNEST_INSERT = """
+INSERT INTO stock_movement (shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id,
+                            on_hand_after, held_after, sold_after, occurred_at)
+SELECT s, e, t, k, kind, q, r, u, oh, h, so, to_timestamp(at / 1000.0)
+FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+            $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+     AS b(s, e, t, k, kind, q, r, u, oh, h, so, at)
+ON CONFLICT (shard, event_id) DO NOTHING
+RETURNING shard
+"""
+
+
+async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) -> dict[str, tuple[float, float]]:
+    """The ledger insert three ways: JSON rows through json_to_recordset (what ledger.py does), one array
+    per column through unnest (what it did before), COPY into a staging table then upsert. Per variant,
+    the median ms per batch and this process's CPU µs per row (encoding included). Only the
+    stock_movement insert differs; the projections are left out."""
     from datetime import UTC, datetime
 
     from app.worker.ledger import INSERT_MOVEMENTS
 
-    def rows(b: int, variant: int) -> list[tuple[object, ...]]:
-        """A batch as the worker has it: event times in ms (unnest takes them so; COPY wants timestamps,
-        converted inside its timing)."""
+    def fields(b: int, variant: int) -> list[dict[str, object]]:
+        """A batch as the worker reads it from the streams: every value a string, times in ms."""
         ms = 1_800_000_000_000 + variant * 10_000_000 + b * 1000
-        return [(i % SHARDS, f"{ms}-{i}", TENANT, "x", "held", 1, "r", "u", 9, 1, 0, ms) for i in range(size)]
+        return [
+            {"shard": i % SHARDS, "event_id": f"{ms}-{i}", "tenant": TENANT, "sku": "x", "type": "held",
+             "qty": "1", "res": "r", "user": "u", "on_hand": "9", "held": "1", "sold": "0", "at": str(ms)}
+            for i in range(size)
+        ]  # fmt: skip
 
-    unnest_ms, copy_ms = [], []
+    def as_tuples(batch: list[dict[str, object]]) -> list[tuple[object, ...]]:
+        return [(f["shard"], f["event_id"], f["tenant"], f["sku"], f["type"], int(str(f["qty"])), f["res"],
+                 f["user"], int(str(f["on_hand"])), int(str(f["held"])), int(str(f["sold"])), int(str(f["at"])))
+                for f in batch]  # fmt: skip
+
+    async def json_rows(conn: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
+        await conn.fetch(INSERT_MOVEMENTS, orjson.dumps(batch).decode())
+
+    async def arrays(conn: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
+        await conn.fetch(UNNEST_INSERT, *(list(column) for column in zip(*as_tuples(batch), strict=True)))
+
+    async def copy(conn: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
+        records = [(*r[:11], datetime.fromtimestamp(int(str(r[11])) / 1000, tz=UTC)) for r in as_tuples(batch)]
+        await conn.execute(STAGING)
+        await conn.copy_records_to_table("movement_staging", records=records, columns=MOVEMENT_COLUMNS)
+        await conn.execute(COPY_UPSERT)
+
+    variants = {"json_to_recordset": json_rows, "unnest arrays": arrays, "COPY + upsert": copy}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     async with pg.acquire() as conn:
         for b in range(batches):
-            batch = rows(b, 1)
-            t = time.perf_counter()
-            async with conn.transaction():
-                await conn.fetch(INSERT_MOVEMENTS, *(list(column) for column in zip(*batch, strict=True)))
-            unnest_ms.append((time.perf_counter() - t) * 1000)
-
-            batch = rows(b, 2)
-            t = time.perf_counter()
-            records = [(*r[:11], datetime.fromtimestamp(int(str(r[11])) / 1000, tz=UTC)) for r in batch]
-            async with conn.transaction():
-                await conn.execute(STAGING)
-                await conn.copy_records_to_table("movement_staging", records=records, columns=MOVEMENT_COLUMNS)
-                await conn.execute(COPY_UPSERT)
-            copy_ms.append((time.perf_counter() - t) * 1000)
-    return statistics.median(unnest_ms), statistics.median(copy_ms)
+            for v, (name, insert) in enumerate(variants.items()):
+                batch = fields(b, v)
+                t, c = time.perf_counter(), time.process_time()
+                async with conn.transaction():
+                    await insert(conn, batch)
+                wall[name].append((time.perf_counter() - t) * 1000)
+                cpu[name].append((time.process_time() - c) * 1e6 / size)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in variants}
 
 
 async def main() -> None:
@@ -223,27 +228,23 @@ async def main() -> None:
                 await service.put_sku(TENANT, sku, SkuSettings(on_hand=10_000_000))
 
         try:
-            # 1. the service's reserve rate over HTTP
+            # 1. the service's reserve rate over HTTP, loaded by wrk as `make bench` loads it
             await fresh_catalogue()
             port = free_port()
             server = start(["serve", "--port", str(port), "--workers", "2"], env, work / "serve.log")
             try:
                 base = f"http://127.0.0.1:{port}"
                 await wait_ready(base)
-                http_rate = await http_reserve_rate(base)
+                os.environ["BENCH_SKU"] = SKUS[0]  # the SKU bench/wrk/reserve.lua reserves
+                script = hotpath.wrk_script(work)
+                hotpath.wrk(base, "stockhold", hotpath.WARMUP_SECONDS, script)  # connections, pools, caches
+                http = hotpath.wrk(base, "stockhold", HTTP_SECONDS, script)
+                http_rate = http.rps
             finally:
                 stop(server)
-            port = free_port()
-            trivial = start_baseline(port, work / "trivial.log")
-            try:
-                await asyncio.sleep(2)
-                baseline = await http_reserve_rate(f"http://127.0.0.1:{port}")
-            finally:
-                stop(trivial)
-            print(f"1. reserve rate, HTTP, serve --workers 2, {HTTP_CONCURRENCY} clients, {HTTP_SECONDS}s: "
-                  f"{http_rate:,.0f} reservations/s; baseline, an empty ASGI app served alike: {baseline:,.0f} "
-                  f"requests/s (stockhold at {http_rate / baseline:.2f}x of what this client and machine allow)",
-                  flush=True)  # fmt: skip
+            print(f"1. reserve rate, HTTP, serve --workers 2 (worker in process), wrk -t{hotpath.THREADS} "
+                  f"-c{hotpath.CONNECTIONS}, {HTTP_SECONDS}s: {http_rate:,.0f} reservations/s, "
+                  f"p99 {http.p99_ms:.1f} ms", flush=True)  # fmt: skip
 
             # 2. lag under a paced 2,000 reservations/s with one worker process
             await fresh_catalogue()
@@ -291,14 +292,12 @@ async def main() -> None:
                 flush=True,
             )
 
-            # 4. unnest vs COPY for the ledger insert
+            # 4. three ways to send the ledger insert
             await pg.execute(f"TRUNCATE {STATE_TABLES}")
-            unnest_ms, copy_ms = await insert_variants(pg)
-            print(
-                f"4. ledger insert of 500 events, median of 40: unnest {unnest_ms:.2f} ms, "
-                f"COPY + staging upsert {copy_ms:.2f} ms (ratio COPY/unnest {copy_ms / unnest_ms:.2f})",
-                flush=True,
-            )
+            variants = await insert_variants(pg)
+            print("4. ledger insert of 500 events, median of 40 (ms per batch; this process's CPU per row):")
+            for name, (ms, cpu_us) in variants.items():
+                print(f"   {name:<18} {ms:6.2f} ms  {cpu_us:5.1f} µs/row", flush=True)
         finally:
             await reset(redis, pg, keys)
             await redis.aclose()

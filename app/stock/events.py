@@ -7,7 +7,7 @@ confirm's write-through persist them; rebuild, reconcile and the tests read them
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -16,11 +16,12 @@ class StreamEvent:
     shard: int
     event_id: str  # the stream entry id, "<ms>-<seq>": unique and ordered within its shard stream
     fields: dict[str, str]
+    # (ms, seq): the id's order as numbers, worked out once (the worker sorts and compares by it)
+    position: tuple[int, int] = field(init=False, compare=False)
 
-    @property
-    def position(self) -> tuple[int, int]:
+    def __post_init__(self) -> None:
         ms, seq = self.event_id.split("-")
-        return int(ms), int(seq)
+        object.__setattr__(self, "position", (int(ms), int(seq)))
 
 
 def parse_entries(shard: int, entries: Sequence[Any]) -> list[StreamEvent]:
