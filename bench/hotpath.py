@@ -99,6 +99,7 @@ class Results:
     redis_us: list[float] = field(default_factory=list)  # EVALSHA usec_per_call in each stockhold round
     redis_us_quiet: float = 0.0  # the same, reserve calls alone on a machine at rest
     lag_ms: tuple[float, float, float] = (0.0, 0.0, 0.0)  # write-behind lag of the holds: p50, p99, max
+    steal: float | None = None  # share of the CPU the hypervisor took during the rounds (Linux), if known
 
     def median(self, design: str, attr: str) -> float:
         return float(statistics.median(getattr(r, attr) for r in self.rounds[design]))
@@ -149,6 +150,24 @@ def wrk(base: str, design: str, seconds: int, script: Path) -> Round:
         requests=data["requests"],
         failed=data["non2xx"] + data["socket_errors"],
     )
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat's first line), or None where there is no /proc."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """What share of the CPU time between two readings the hypervisor gave to other guests ("steal",
+    the 8th counter): on a shared VM, why one run's figures can differ from another's."""
+    if not before or not after or len(before) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    return delta[7] / max(sum(delta[:8]), 1)
 
 
 async def evalsha_totals(redis: Redis) -> tuple[int, int]:
@@ -227,6 +246,11 @@ def report(results: Results, servers: str) -> str:
         f"Write-behind lag of every hold made (worker in each API process, rows written - event time): "
         f"p50 {p50:,.0f} ms, p99 {p99_lag:,.0f} ms, max {worst:,.0f} ms.",
     ]
+    if results.steal is not None:
+        lines.append(
+            f"CPU time the hypervisor gave to other guests during the rounds (steal): {results.steal:.1%}. "
+            "Compare runs by their ratios: the absolute figures follow the machine."
+        )
     return "\n".join(lines)
 
 
@@ -303,6 +327,7 @@ async def main() -> int:
             for design in DESIGNS:  # warm up every server and pool, then forget the holds it made
                 wrk(bases[design], design, WARMUP_SECONDS, script)
             results = Results()
+            cpu_before = cpu_times()
             for n in range(ROUNDS):
                 order = DESIGNS[n % len(DESIGNS) :] + DESIGNS[: n % len(DESIGNS)]  # rotate: no design always first
                 for design in order:
@@ -319,6 +344,7 @@ async def main() -> int:
                     )
                     if result.failed:
                         print(f"  {design}: {result.failed} requests failed (non-2xx or socket errors)", flush=True)
+            results.steal = steal_share(cpu_before, cpu_times())
             drained_s = await wait_drained(redis, keys, timeout_s=300)
             lag = await pg.fetchrow(
                 "SELECT count(*) AS n, percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS p50, "

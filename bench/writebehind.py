@@ -9,7 +9,7 @@ Prints, all measured in this run on this machine:
    process persists): p50 / p99 / max of (row written in PostgreSQL - event time);
 3. the worker's maximum sustained rate: a backlog built with no worker running, then drained by one
    `stockhold worker` process: events/s, and its ratio to (1);
-4. the ledger insert itself three ways: JSON rows through json_to_recordset (what ledger.py does), one
+4. the ledger insert itself three ways: JSON rows through json_to_recordset (what the worker does), one
    array per column through unnest, COPY into a staging table then INSERT ... ON CONFLICT; median per
    500-event batch and this process's CPU per row.
 
@@ -145,6 +145,17 @@ MOVEMENT_COLUMNS = [
 ]  # fmt: skip
 
 
+# The ledger insert as migrations/0003_persist_event_batch.sql does it, and as it was before (unnest)
+JSON_INSERT = """
+INSERT INTO stock_movement (shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id,
+                            on_hand_after, held_after, sold_after, occurred_at)
+SELECT shard, event_id, tenant, sku, type, qty, NULLIF(res, ''), NULLIF("user", ''), on_hand, held, sold,
+       to_timestamp(at / 1000.0)
+FROM json_to_recordset($1::json) AS b(shard int, event_id text, tenant text, sku text, type text, qty bigint,
+                                      res text, "user" text, on_hand bigint, held bigint, sold bigint, at bigint)
+ON CONFLICT (shard, event_id) DO NOTHING
+RETURNING shard
+"""
 UNNEST_INSERT = """
 INSERT INTO stock_movement (shard, event_id, tenant, sku, kind, quantity, reservation_id, user_id,
                             on_hand_after, held_after, sold_after, occurred_at)
@@ -158,13 +169,11 @@ RETURNING shard
 
 
 async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) -> dict[str, tuple[float, float]]:
-    """The ledger insert three ways: JSON rows through json_to_recordset (what ledger.py does), one array
+    """The ledger insert three ways: JSON rows through json_to_recordset (what the worker does), one array
     per column through unnest (what it did before), COPY into a staging table then upsert. Per variant,
     the median ms per batch and this process's CPU µs per row (encoding included). Only the
     stock_movement insert differs; the projections are left out."""
     from datetime import UTC, datetime
-
-    from app.worker.ledger import INSERT_MOVEMENTS
 
     def fields(b: int, variant: int) -> list[dict[str, object]]:
         """A batch as the worker reads it from the streams: every value a string, times in ms."""
@@ -181,7 +190,7 @@ async def insert_variants(pg: asyncpg.Pool, batches: int = 40, size: int = 500) 
                 for f in batch]  # fmt: skip
 
     async def json_rows(conn: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
-        await conn.fetch(INSERT_MOVEMENTS, orjson.dumps(batch).decode())
+        await conn.fetch(JSON_INSERT, orjson.dumps(batch).decode())
 
     async def arrays(conn: asyncpg.Connection, batch: list[dict[str, object]]) -> None:
         await conn.fetch(UNNEST_INSERT, *(list(column) for column in zip(*as_tuples(batch), strict=True)))
