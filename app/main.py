@@ -35,8 +35,9 @@ from app.worker.ledger import PostgresLedger
 
 log = logging.getLogger("stockhold")
 # A worker sharing the event loop with requests persists smaller batches than `stockhold worker` (500):
-# encoding a batch holds the loop for ~0.1 ms per event, and 500-event steps showed as the p99 of
-# reservations (wrk, 2 workers: p99 25 ms at 500, 17.5 ms at 100, throughput 6,850 -> 7,200/s).
+# encoding a batch holds the loop for a while, and 500-event steps showed as the p99 of reservations (wrk,
+# 2 workers: p99 25 ms at 500, 17.5 ms at 100, throughput 6,850 -> 7,200/s). When it falls behind it
+# reads up to 4x as many per step (WriteBehindWorker.max_batch) until it has caught up.
 IN_PROCESS_WORKER_BATCH = 100
 
 

@@ -42,12 +42,19 @@ class WriteBehindWorker:
         batch: int = 500,
         block_ms: int = 100,
         claim_idle_ms: int = 30_000,
+        max_batch: int | None = None,
     ) -> None:
         self.redis = redis
         self.pg = pg
         self.keys = keys
         self.consumer = consumer
         self.batch = batch
+        # Behind (a stream filled the last read), the next read asks for twice as many, up to max_batch:
+        # a step costs a few round trips whatever its size, and under load each waits for a turn of a busy
+        # event loop, so bigger steps are how a worker catches up. Caught up, back to `batch`, which holds
+        # the loop for less at a time.
+        self.max_batch = max(batch, max_batch if max_batch is not None else 4 * batch)
+        self.count = batch  # what the next read of new entries asks for, per stream
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.persisted_total = 0
@@ -61,17 +68,21 @@ class WriteBehindWorker:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
 
     async def step(self, own_pending: bool = False) -> int:
-        """Reads up to `batch` new entries per shard, persists them in one transaction, then XACKs them.
+        """Reads up to `count` new entries per shard, persists them in one transaction, then XACKs them.
         Returns the number of entries handled (0 when the streams were idle for `block_ms`).
         `own_pending`: re-read the entries this consumer was given and has not acknowledged (after a
         failed step) instead of new ones."""
+        count = self.batch if own_pending else self.count
         reply: Any = await self.redis.xreadgroup(  # RESP2: [[stream, [(id, fields), ...]], ...]
             GROUP,
             self.consumer,
             dict.fromkeys(self._stream_shard, "0" if own_pending else ">"),
-            count=self.batch,
+            count=count,
             block=None if own_pending else self.block_ms,
         )
+        if not own_pending:
+            behind = any(len(entries) >= count for _, entries in reply or [])
+            self.count = min(2 * count, self.max_batch) if behind else self.batch
         events = [e for stream, entries in reply or [] for e in parse_entries(self._stream_shard[stream], entries)]
         return await self._persist_and_ack(events)
 

@@ -184,3 +184,29 @@ async def test_two_workers_racing_write_every_event_once(
     # what confirm's write-through had not)
     assert 0 < first.persisted_total + second.persisted_total < emitted
     assert await pending(redis, keys) == 0
+
+
+async def test_a_worker_behind_reads_bigger_batches_until_it_has_caught_up(
+    redis: Redis, pg: asyncpg.Pool, service: StockService, keys: KeySpace
+) -> None:
+    # given 1,000 holds on one SKU (one shard stream) waiting for a worker that reads 50 at a time
+    (sku,) = skus_on_distinct_shards(keys, 1)
+    await service.put_sku(TENANT, sku, SkuSettings(on_hand=10_000))
+    w = WriteBehindWorker(redis, pg, keys, consumer="w1", batch=50, block_ms=10, max_batch=200)
+    await w.ensure_groups()
+    await w.step()  # the catalogue event
+    for i in range(20):
+        await asyncio.gather(*(service.reserve(TENANT, req(f"u{i}-{j}", (sku, 1))) for j in range(50)))
+
+    # when it drains them, then the stream goes quiet
+    steps = []
+    while n := await w.step():
+        steps.append(n)
+    await service.reserve(TENANT, req("late", (sku, 1)))
+    after = await w.step()
+
+    # then each full read doubled the next one up to max_batch, the last partial one reset it, and every
+    # hold was persisted once
+    assert steps == [50, 100, 200, 200, 200, 200, 50], steps
+    assert (after, w.count) == (1, 50)
+    assert await pg.fetchval("SELECT count(*) FROM stock_movement WHERE kind = 'held'") == 1001
