@@ -95,9 +95,10 @@ class StockholdUser(FastHttpUser):
     def pause(self, seconds: float) -> bool:
         """Sleeps; True if the sale ended or the test stopped meanwhile (the caller then stops)."""
         if seconds > IDLE_CLOSE_S and self.client_pool is None:
-            # The service drops keep-alive connections idle for 5 s (uvicorn's default), and the client
-            # would only learn so by sending on a closed socket; a person coming back after a while
-            # connects anew. (Requests in flight on other greenlets of this user keep their socket.)
+            # A person coming back after a while connects anew, as a browser would; and a server that
+            # drops idle keep-alive connections (uvicorn's default: 5 s; stockhold keeps them 75 s) would
+            # otherwise only be found to have done so by sending on a closed socket. (Requests in flight
+            # on other greenlets of this user keep their socket.)
             self.client.client.close()
         return bool(self.shared.halt.wait(timeout=max(0.0, seconds)))
 
@@ -115,7 +116,7 @@ class StockholdUser(FastHttpUser):
     ) -> Answer:
         """One request judged against what the situation allows; `check` vets a success's body.
 
-        A keep-alive connection the service closed while it sat idle (uvicorn drops them after 5 s)
+        A keep-alive connection the service closed while it sat idle (STOCKHOLD_KEEP_ALIVE_SECONDS)
         fails before any answer; the request is then sent once more on a fresh connection, which is
         safe here: every POST is idempotent by contract (confirm, release) or carries an
         Idempotency-Key (reserve, restock). That first attempt is counted for the audit only."""

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -93,13 +93,15 @@ class Rebuilder:
             for lock in locks.values():
                 await _release(lock)
 
-    async def drain(self, shards: list[int]) -> int:
-        """Persists every event still in the shards' streams (idempotent: most are persisted already)."""
+    async def drain(self, shards: list[int], until: Mapping[int, str] | None = None) -> int:
+        """Persists every event still in the shards' streams (idempotent: most are persisted already).
+        `until`: per shard, the newest entry id to persist; under live traffic a stream grows while it is
+        read, and draining to its end might never finish."""
         total = 0
         for shard in shards:
-            start = "-"
+            start, end = "-", (until or {}).get(shard, "+")
             while True:
-                entries = await self.redis.xrange(self.keys.events(shard), min=start, max="+", count=_CHUNK)
+                entries = await self.redis.xrange(self.keys.events(shard), min=start, max=end, count=_CHUNK)
                 if not entries:
                     break
                 async with self.pg.acquire() as conn, conn.transaction():

@@ -1,9 +1,13 @@
 """Compares Redis with PostgreSQL per SKU: the counters and settings Redis serves against the ones a
 rebuild from PostgreSQL would give (app/recovery/image.py).
 
-Before comparing, whatever the shard streams still hold is persisted, so write-behind lag is not
-reported as drift. Under live traffic a SKU that changes between the two reads can differ for a moment:
-a SKU is reported only if it differs in every one of `rounds` comparisons.
+Both sides are compared at the same point of each shard's event stream, so neither write-behind lag nor
+live traffic shows as drift. Per shard, Redis's SKU counters and the stream's last event id are read in
+one MULTI/EXEC (a snapshot); then every event the streams hold is persisted; then a SKU is compared only
+if PostgreSQL's row for it reflects no event after the snapshot. PostgreSQL then holds exactly the events
+up to the snapshot for that SKU, and any difference is drift. A SKU that changed after the snapshot is
+compared again in the next of `rounds` rounds; one that changes in every round is not reported (a
+hold expiring or a sale made while reconcile ran is traffic, not drift).
 """
 
 from __future__ import annotations
@@ -37,42 +41,70 @@ def _values(image: SkuImage | None) -> dict[str, str]:
     return {f: str(getattr(image, f)) for f in FIELDS}
 
 
-async def _redis_skus(redis: Redis, keys: KeySpace, shard: int) -> dict[tuple[str, str], dict[str, str]]:
+Position = tuple[int, int]  # a stream entry id "<ms>-<seq>" as numbers
+
+
+async def _redis_snapshot(
+    redis: Redis, keys: KeySpace, shard: int
+) -> tuple[dict[tuple[str, str], dict[str, str]], Position]:
+    """The shard's SKUs as Redis serves them and the position of its newest event, read atomically.
+    A shard with no stream yet: the snapshot's time, so any event made after it counts as later."""
     found: dict[tuple[str, str], dict[str, str]] = {}
     prefix = keys.sku(shard, "", "")[: -len(":")]  # "sh:{s}:sku:" without the separator
     names = [k async for k in redis.scan_iter(match=keys.sku(shard, "*", "*"), count=1000)]
-    if not names:
-        return found
-    async with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one instant of the shard
         for name in names:
             pipe.hmget(name, list(FIELDS))
-        rows = await pipe.execute()
+        pipe.xinfo_stream(keys.events(shard))
+        pipe.time()
+        *rows, stream, (seconds, micros) = await pipe.execute(raise_on_error=False)
     for name, row in zip(names, rows, strict=True):
         tenant, _, sku = name[len(prefix) :].partition(":")
-        if row[0] is not None:
+        if not isinstance(row, Exception) and row[0] is not None:  # a SKU deleted meanwhile is skipped
             found[(tenant, sku)] = {f: str(v) for f, v in zip(FIELDS, row, strict=True)}
-    return found
+    if isinstance(stream, Exception):  # no such key: no event in flight
+        return found, (int(seconds) * 1000 + int(micros) // 1000, -1)
+    ms, _, seq = str(stream["last-generated-id"]).partition("-")
+    return found, (int(ms), int(seq))
+
+
+async def _postgres_positions(pg: asyncpg.Pool) -> dict[tuple[str, str], Position]:
+    """Per SKU, the stream position of the newest event its PostgreSQL rows reflect."""
+    rows = await pg.fetch("SELECT tenant, sku, event_ms, event_seq FROM sku")
+    return {(r["tenant"], r["sku"]): (r["event_ms"], r["event_seq"]) for r in rows}
 
 
 async def compare(redis: Redis, pg: asyncpg.Pool, keys: KeySpace, rounds: int = 3) -> list[Drift]:
     rebuilder = Rebuilder(redis, pg, keys)
     shards = list(keys.all_shards())
-    persistent: dict[tuple[int, str, str, str], Drift] | None = None
+    drift: list[Drift] = []
+    compared: set[tuple[str, str]] = set()
     for attempt in range(rounds):
         if attempt:
             await asyncio.sleep(0.2)
-        await rebuilder.drain(shards)
+        snapshots = {shard: await _redis_snapshot(redis, keys, shard) for shard in shards}
+        # up to the snapshot: what came later is not compared this round, and a busy stream has no end
+        until = {shard: f"{ms}-{seq}" for shard, (_, (ms, seq)) in snapshots.items() if seq >= 0}
+        await rebuilder.drain([shard for shard in shards if shard in until], until)
         images = await load_images(pg, keys, shards)
-        found: dict[tuple[int, str, str, str], Drift] = {}
+        positions = await _postgres_positions(pg)
+        changed = False
         for shard in shards:
-            live = await _redis_skus(redis, keys, shard)
+            live, at = snapshots[shard]
             expected = images[shard].skus
             for key in sorted(set(live) | set(expected)):
+                if key in compared:
+                    continue
+                if positions.get(key, (0, 0)) > at:  # PostgreSQL is past the snapshot: next round
+                    changed = True
+                    continue
+                compared.add(key)
                 have, want = live.get(key, {}), _values(expected.get(key))
-                for f in FIELDS:
-                    if have.get(f, "-") != want.get(f, "-"):
-                        found[(shard, *key, f)] = Drift(shard, key[0], key[1], f, have.get(f, "-"), want.get(f, "-"))
-        persistent = found if persistent is None else {k: v for k, v in found.items() if k in persistent}
-        if not persistent:
-            return []
-    return sorted((persistent or {}).values(), key=lambda d: (d.shard, d.tenant, d.sku, d.field))
+                drift += [
+                    Drift(shard, key[0], key[1], f, have.get(f, "-"), want.get(f, "-"))
+                    for f in FIELDS
+                    if have.get(f, "-") != want.get(f, "-")
+                ]
+        if not changed:
+            break
+    return sorted(drift, key=lambda d: (d.shard, d.tenant, d.sku, d.field))
