@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from app.stock.keys import KeySpace
 
 from app.config import Settings, get_settings
-from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.store.embedded import start_missing
 
 app = typer.Typer(help="stockhold: stock reservations that never oversell.", no_args_is_help=True)
 log = logging.getLogger("stockhold")
@@ -31,16 +31,13 @@ def _start_embedded(stack: ExitStack) -> None:
     variables at it so the API workers (separate processes) find them. Stopped when `stack` closes."""
     settings = get_settings()
     data = settings.data_dir.resolve()
+    redis_url, database_url = start_missing(stack, data, settings.redis_url, settings.database_url, persist_redis=True)
     if not settings.redis_url:
-        redis = EmbeddedRedis(data / "redis", persist=True)
-        os.environ["REDIS_URL"] = redis.start()
-        stack.callback(redis.stop)
-        typer.echo(f"embedded Redis: {os.environ['REDIS_URL']} (data in {data / 'redis'})")
+        os.environ["REDIS_URL"] = redis_url
+        typer.echo(f"embedded Redis: {redis_url} (data in {data / 'redis'})")
     if not settings.database_url:
-        pg = EmbeddedPostgres(data / "postgres")
-        os.environ["DATABASE_URL"] = pg.start()
-        stack.callback(pg.stop)
-        typer.echo(f"embedded PostgreSQL: {os.environ['DATABASE_URL']}")
+        os.environ["DATABASE_URL"] = database_url
+        typer.echo(f"embedded PostgreSQL: {database_url}")
     get_settings.cache_clear()
 
 

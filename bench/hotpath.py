@@ -50,7 +50,7 @@ from app.store.redis import connect_redis
 from app.store.scripts import Scripts
 from app.worker.backlog import read_backlog
 from app.worker.ledger import PostgresLedger
-from bench.servers import free_port, stop, workspace
+from bench.servers import free_port, stop_process, workspace
 
 REPO = Path(__file__).resolve().parents[1]
 WRK_SCRIPT = REPO / "bench" / "wrk" / "reserve.lua"
@@ -368,7 +368,7 @@ async def main() -> int:
             print(audited.stdout + audited.stderr, flush=True)
         finally:
             for proc in procs:
-                stop(proc)
+                stop_process(proc)
         results.redis_us_quiet = await redis_time_alone(redis, pg, keys)
 
         table = report(results, servers)

@@ -46,7 +46,7 @@ from app.store.scripts import Scripts
 from app.worker.backlog import read_backlog
 from app.worker.ledger import PostgresLedger
 from bench import hotpath
-from bench.servers import free_port, stop, workspace
+from bench.servers import free_port, stop_process, workspace
 
 SHARDS = 16
 TENANT = "default"
@@ -250,7 +250,7 @@ async def main() -> None:
                 http = hotpath.wrk(base, "stockhold", HTTP_SECONDS, script)
                 http_rate = http.rps
             finally:
-                stop(server)
+                stop_process(server)
             print(f"1. reserve rate, HTTP, serve --workers 2 (worker in process), wrk -t{hotpath.THREADS} "
                   f"-c{hotpath.CONNECTIONS}, {HTTP_SECONDS}s: {http_rate:,.0f} reservations/s, "
                   f"p99 {http.p99_ms:.1f} ms", flush=True)  # fmt: skip
@@ -263,7 +263,7 @@ async def main() -> None:
                 made, achieved = await paced(service, PACE_PER_S, PACE_SECONDS)
                 await wait_drained(redis, keys, timeout_s=30)
             finally:
-                stop(worker)
+                stop_process(worker)
             lags = [
                 float(r["lag_ms"])
                 for r in await pg.fetch(
@@ -284,14 +284,14 @@ async def main() -> None:
             await fresh_catalogue()
             worker_groups = start(["worker", "--name", "bench-groups"], env, work / "worker-groups.log")
             await asyncio.sleep(2)
-            stop(worker_groups)  # groups exist; from here on, events wait in the streams
+            stop_process(worker_groups)  # groups exist; from here on, events wait in the streams
             made_rate = await as_fast_as_possible(service, BACKLOG_EVENTS)
             backlog = await unpersisted(redis, keys)
             worker = start(["worker", "--name", "bench-drain", "--batch", "1000"], env, work / "worker-drain.log")
             try:
                 drain_s = await wait_drained(redis, keys, timeout_s=120)
             finally:
-                stop(worker)
+                stop_process(worker)
             worker_rate = backlog / drain_s
             print(
                 f"3. worker drain: {backlog:,} events in {drain_s:.2f}s = {worker_rate:,.0f} events/s "

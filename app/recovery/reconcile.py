@@ -3,7 +3,7 @@ rebuild from PostgreSQL would give (app/recovery/image.py).
 
 Both sides are compared at the same point of each shard's event stream, so neither write-behind lag nor
 live traffic shows as drift. Per shard, Redis's SKU counters and the stream's last event id are read in
-one MULTI/EXEC (a snapshot); then every event the streams hold is persisted; then a SKU is compared only
+one MULTI/EXEC (a snapshot); then the events up to it are persisted; then a SKU is compared only
 if PostgreSQL's row for it reflects no event after the snapshot. PostgreSQL then holds exactly the events
 up to the snapshot for that SKU, and any difference is drift. A SKU that changed after the snapshot is
 compared again in the next of `rounds` rounds; one that changes in every round is not reported (a

@@ -15,6 +15,7 @@ Both were checked to start as root and as a normal user.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,19 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+def start_missing(
+    stack: ExitStack, data: Path, redis_url: str | None, database_url: str | None, *, persist_redis: bool = False
+) -> tuple[str, str]:
+    """(redis_url, database_url): the given ones, and for each one missing an embedded server started
+    under `data` and stopped when `stack` closes."""
+    if not redis_url:
+        redis = EmbeddedRedis(data / "redis", persist=persist_redis)
+        redis_url = redis.start()
+        stack.callback(redis.stop)
+    if not database_url:
+        pg = EmbeddedPostgres(data / "postgres")
+        database_url = pg.start()
+        stack.callback(pg.stop)
+    return redis_url, database_url
