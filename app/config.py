@@ -63,6 +63,26 @@ class Settings(BaseSettings):
     # instead of an answer. uvicorn's own default is 5 s, exactly that race; 75 s is nginx's default.
     keep_alive_seconds: int = Field(default=75, ge=1, le=3600, validation_alias="STOCKHOLD_KEEP_ALIVE_SECONDS")
 
+    # The sold-out fast path (app/stock/sold_out.py): how often each process re-reads the SKUs it knows are
+    # sold out. A SKU whose stock returns is sold again within about this plus a round trip; 50 ms keeps
+    # that well inside 100 ms for one small pipelined read per interval. 0 turns the fast path off.
+    sold_out_refresh_ms: int = Field(default=50, ge=0, le=80, validation_alias="STOCKHOLD_SOLD_OUT_REFRESH_MS")
+
+    # Rate limits (token buckets in Redis, shared by every process): requests per second and burst size,
+    # per user (POST /v1/reservations, by user_id) and per client IP (every /v1 call). Off (0) by default:
+    # the right figures depend on who calls stockhold. A shopper needs a few reservations a minute, so a
+    # per-user 2/s with bursts of 5 never touches one, and stops a script firing hundreds a second.
+    user_rate_per_second: float = Field(default=0, ge=0, le=1_000_000, validation_alias="STOCKHOLD_USER_RATE")
+    user_burst: int = Field(default=5, ge=1, le=1_000_000, validation_alias="STOCKHOLD_USER_BURST")
+    # Per IP only makes sense where the address is the shopper's: stockhold is usually called by a few
+    # checkout servers, whose addresses carry everyone's traffic.
+    ip_rate_per_second: float = Field(default=0, ge=0, le=1_000_000, validation_alias="STOCKHOLD_IP_RATE")
+    ip_burst: int = Field(default=20, ge=1, le=1_000_000, validation_alias="STOCKHOLD_IP_BURST")
+    # Behind a proxy: the header it puts the client's address in (X-Forwarded-For, X-Real-IP...). Only this
+    # header is believed, and only its last address, the one the proxy itself appended; anything earlier
+    # in it came from the client and may be forged. Unset: the TCP peer's address.
+    client_ip_header: str | None = Field(default=None, validation_alias="STOCKHOLD_CLIENT_IP_HEADER")
+
     # Tenant used until API keys arrive: every key and event already carries a tenant.
     default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
 

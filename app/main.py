@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from app.api.body_guard import BodyGuard
+from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
 from app.api.problems import install_problem_handlers
 from app.api.routes import metrics, ops, reservations, skus
@@ -25,7 +26,9 @@ from app.recovery.watch import ReadinessWatch
 from app.runtime import freeze_startup_heap
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
+from app.stock.rate_limits import RateLimiter, bucket
 from app.stock.service import StockService
+from app.stock.sold_out import SoldOutBook
 from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
@@ -57,10 +60,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = ReadinessWatch(Rebuilder(redis, pg, keys), auto_rebuild=settings.auto_rebuild)
         stop = asyncio.Event()
         app.state.redis, app.state.pg, app.state.scripts, app.state.keys = redis, pg, scripts, keys
+        sold_out = SoldOutBook(redis, keys, settings.sold_out_refresh_ms) if settings.sold_out_refresh_ms else None
         app.state.service = StockService(
-            redis, scripts, keys, PostgresLedger(pg), idempotency_ttl_seconds=settings.idempotency_ttl_seconds
+            redis,
+            scripts,
+            keys,
+            PostgresLedger(pg),
+            idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+            sold_out=sold_out,
         )
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
+        app.state.rate_limiter = RateLimiter(
+            scripts,
+            keys,
+            per_user=bucket(settings.user_rate_per_second, settings.user_burst),
+            per_ip=bucket(settings.ip_rate_per_second, settings.ip_burst),
+        )
         app.state.sweeper, app.state.watch = sweeper, watch
         await watch.check_once()  # recovery before serving: rebuild what Redis lost (when automatic)
         freeze_startup_heap()  # after everything start-up allocates: see app/runtime.py
@@ -69,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             asyncio.create_task(watch.run(stop), name="readiness-watch"),
         ]
         app.state.sweeper_task = tasks[0]
+        if sold_out is not None:
+            tasks.append(asyncio.create_task(sold_out.run(stop), name="sold-out-refresh"))
         if settings.worker_in_process:
             consumer = f"api-{socket.gethostname()}-{os.getpid()}"
             worker = WriteBehindWorker(redis, pg, keys, consumer=consumer, batch=IN_PROCESS_WORKER_BATCH)
@@ -89,6 +106,8 @@ class Stockhold(FastAPI):
     """FastAPI with the reserve hot path (app/api/hot_path.py) in front of its middleware stack."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not await admit_client(self.state, scope, receive, send):
+            return
         if is_hot(scope):
             await serve_reserve(self.state, scope, receive, send, super().__call__)
         else:

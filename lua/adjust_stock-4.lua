@@ -18,13 +18,15 @@
     ARGV[7] idempotency record TTL, seconds
 
   Output:
-    {0, on_hand, safety_stock, held, sold, mode, hold_ttl_seconds, per_user_limit}  event 'adjusted'
+    {0, on_hand, safety_stock, held, sold, mode, hold_ttl_seconds, per_user_limit, policy...}
+                       event 'adjusted'; policy: the 7 fields of app/stock/policy.py POLICY_FIELDS
     {-1}               SKU_NOT_FOUND
     {-4, held, sold}   STOCK_CONFLICT: the shrink would go below held + sold
     {-8}               IDEMPOTENCY_CONFLICT
     {-10}              NOT_READY: the shard awaits a rebuild; nothing changed
 ]]
 --@include common
+--@include policy
 --@include idempotency
 --@include ready
 
@@ -48,6 +50,9 @@ else
   emit(KEYS[2], 'adjusted', ARGV[1], ARGV[2], delta, '', '', on_hand, s.held, s.sold, ARGV[4],
     'reason', ARGV[5])
   result = {0, on_hand, s.safety, s.held, s.sold, s.mode, s.ttl, s.limit}
+  for _, value in ipairs(policy_values(KEYS[1])) do
+    result[#result + 1] = value
+  end
 end
 idem_store(KEYS[3], ARGV[6], ARGV[7], result)
 return result

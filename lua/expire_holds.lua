@@ -8,10 +8,14 @@
   between, or expired by another sweeper, is left alone. Index entries whose part is gone or no longer
   held are removed. The batch size bounds how long one call blocks Redis.
 
-  Input (variable key count: 2 + per reservation (1 + 2 per line) + 1):
+  An expired held line of a SKU with a hold cooldown counts as a lapse of the user's
+  (includes/policy.lua).
+
+  Input (variable key count: 2 + per reservation (1 + 3 per line) + 1):
     KEYS[1]   shard expiry index              sh:{s}:expiry
     KEYS[2]   shard event stream              sh:{s}:events
-    then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash
+    then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash,
+              then each line's hoarding record (sh:{s}:lapses:<tenant>:<sku>)
     last      shard ready marker              sh:{s}:ready
 
     ARGV[1]   now, ms since the epoch
@@ -24,6 +28,7 @@
     {-10}                NOT_READY: the shard awaits a rebuild
 ]]
 --@include common
+--@include policy
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -54,6 +59,7 @@ for _ = 1, count do
         local held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
         emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now, 'st', 'expired')
+        record_lapse(sku_key, KEYS[k + 2 * n + i], user, now)
       else
         emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now, 'st', 'expired')
       end
@@ -68,6 +74,6 @@ for _ = 1, count do
     skipped = skipped + 1
   end
   a = a + 2 + n
-  k = k + 1 + 2 * n
+  k = k + 1 + 3 * n
 end
 return {expired, skipped}

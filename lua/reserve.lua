@@ -1,18 +1,19 @@
 --[[
   Reserves every line of one reservation that lives on this shard, all-or-nothing.
 
-  Checks every line first (SKU exists, per-user limit, stock), then applies them all: a refused call
-  changes nothing. A line whose SKU is in mode on_payment holds nothing (it is deducted at confirm);
+  Checks every line first (SKU exists, the SKU's purchase policy: max_per_order, eligibility, hold
+  cooldown, per-user limit; then stock), then applies them all: a refused call changes nothing. A line whose SKU is in mode on_payment holds nothing (it is deducted at confirm);
   pre_reserve and on_order lines are held. Re-running with an id that already has a part here returns
   ALREADY and changes nothing, which makes retries after a crash safe.
 
-  Input (variable key count: 4 + 2 per line):
+  Input (variable key count: 4 + 3 per line):
     KEYS[1]       this reservation's part on the shard   sh:{s}:res:<id>
     KEYS[2]       shard expiry index                     sh:{s}:expiry
     KEYS[3]       shard event stream                     sh:{s}:events
     KEYS[2+2i]    line i's SKU hash                      sh:{s}:sku:<tenant>:<sku>
     KEYS[3+2i]    line i's per-user units hash           sh:{s}:usr:<tenant>:<sku>
-    KEYS[4+2n]    shard ready marker (the last key)      sh:{s}:ready
+    KEYS[3+2n+i]  line i's hoarding record (read only)   sh:{s}:lapses:<tenant>:<sku>
+    KEYS[4+3n]    shard ready marker (the last key)      sh:{s}:ready
 
     ARGV[1] reservation id
     ARGV[2] tenant
@@ -25,6 +26,8 @@
     ARGV[6] reservation document (JSON) stored on the home part, '' on the other parts
     ARGV[7] number of lines n (1..50)
     ARGV[6+2i] line i's sku;  ARGV[7+2i] line i's quantity (1..1000)
+    ARGV[8+2n], ARGV[9+2n], ARGV[10+2n]  the buyer's account_age_days, orders_count, member_days
+            ('' when the checkout did not send it), for eligibility rules
 
   Output:
     {0, status, deadline}        status 'held' or 'pending' (every line on_payment); events 'held' /
@@ -32,12 +35,19 @@
     {1, status, deadline}        ALREADY: the part exists (status is its current one)
     {-1, i}                      SKU_NOT_FOUND: line i
     {-3, i, limit, units}        LIMIT_EXCEEDED: line i; the user already has `units` of `limit`
+    {-13, i, max}                ORDER_LIMIT: line i asks for more than the SKU's max_per_order
+    {-11, i, rule, min, fact}    NOT_ELIGIBLE: line i's SKU requires `rule` >= min; the buyer's fact
+                                 ('' when not sent)
+    {-12, i, until}              HOLD_COOLDOWN: the user's holds on line i's SKU lapsed too often; no
+                                 new hold before `until` (ms)
+                                 Policy refusals come before stock; the first refused line wins.
     {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
     {-9, i}                      DUPLICATE_LINE: line i names a SKU an earlier line named (lines must be
                                  distinct; the API refuses such requests before they get here)
     {-10}                        NOT_READY: the shard awaits a rebuild; nothing changed
 ]]
 --@include common
+--@include policy
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -46,6 +56,7 @@ end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, tenant, user, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[7])
+local age, orders, member = tonumber(ARGV[8 + 2 * n]), tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
 
 if redis.call('EXISTS', part) == 1 then
   local st = redis.call('HMGET', part, 'st', 'exp')
@@ -53,7 +64,7 @@ if redis.call('EXISTS', part) == 1 then
 end
 
 -- Pass 1: check every line; nothing is written until all of them pass.
-local lines, short, limit_error, seen = {}, {}, nil, {}
+local lines, short, refusal, seen = {}, {}, nil, {}
 for i = 1, n do
   local sku_key, user_key = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local sku, qty = ARGV[6 + 2 * i], tonumber(ARGV[7 + 2 * i])
@@ -61,14 +72,30 @@ for i = 1, n do
     return {-9, i}
   end
   seen[sku] = true
-  local s = read_sku(sku_key)
+  local s = read_sku_with_policy(sku_key)
   if not s then
     return {-1, i}
   end
-  if s.limit > 0 and not limit_error then
+  if not refusal then
+    if s.max_order > 0 and qty > s.max_order then
+      refusal = {-13, i, s.max_order}
+    else
+      local rule, minimum, fact = failed_rule(s, age, orders, member)
+      if rule then
+        refusal = {-11, i, rule, minimum, fact}
+      end
+    end
+  end
+  if not refusal and s.cooldown > 0 then
+    local ends = cooldown_until(KEYS[3 + 2 * n + i], user, now)
+    if ends > 0 then
+      refusal = {-12, i, ends}
+    end
+  end
+  if not refusal and s.limit > 0 then
     local units = num(redis.call('HGET', user_key, user))
     if units + qty > s.limit then
-      limit_error = {-3, i, s.limit, units}
+      refusal = {-3, i, s.limit, units}
     end
   end
   local free = available(s.on_hand, s.safety, s.held, s.sold)
@@ -78,8 +105,8 @@ for i = 1, n do
   end
   lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s}
 end
-if limit_error then
-  return limit_error
+if refusal then
+  return refusal
 end
 if #short > 0 then
   table.insert(short, 1, -2)

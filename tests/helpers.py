@@ -8,6 +8,7 @@ import httpx
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
+from app.stock.schemas import ReservationItem, ReservationRequest
 
 
 async def mark_ready(redis: Redis, keys: KeySpace) -> None:
@@ -54,3 +55,10 @@ async def sku_state(client: httpx.AsyncClient, sku: str) -> dict[str, Any]:
     response = await client.get(f"/v1/skus/{sku}")
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def req(user: str, *items: tuple[str, int], channel: str | None = None) -> ReservationRequest:
+    """A reservation request for StockService calls: `items` as (sku, quantity) pairs."""
+    return ReservationRequest(
+        user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items], channel=channel
+    )

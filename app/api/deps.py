@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Request
 from starlette.datastructures import State
 
 from app.stock.idempotency import MAX_KEY_LENGTH, IdempotencyStore
+from app.stock.rate_limits import RateLimiter
 from app.stock.service import StockService
 
 
@@ -25,6 +26,11 @@ def get_service(request: Request) -> StockService:
 def get_idempotency_store(request: Request) -> IdempotencyStore:
     store: IdempotencyStore = request.app.state.idempotency
     return store
+
+
+def get_rate_limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    return limiter
 
 
 def tenant_of(state: State) -> str:
@@ -41,6 +47,7 @@ def get_tenant(request: Request) -> str:
 ServiceDep = Annotated[StockService, Depends(get_service)]
 IdempotencyStoreDep = Annotated[IdempotencyStore, Depends(get_idempotency_store)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+RateLimiterDep = Annotated[RateLimiter, Depends(get_rate_limiter)]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(

@@ -61,7 +61,9 @@ async def serve_reserve(state: Any, scope: Scope, receive: Receive, send: Send, 
         await fallback(scope, replaying(body, receive), send)  # FastAPI answers, and explains, the rest
         return
     try:
-        response = await reserve(state.service, state.idempotency, tenant_of(state), request, key, PATH)
+        response = await reserve(
+            state.service, state.idempotency, state.rate_limiter, tenant_of(state), request, key, PATH
+        )
     except StockError as exc:
         response = from_stock_error(exc, PATH)
     except (RedisConnectionError, RedisTimeoutError) as exc:

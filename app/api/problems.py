@@ -24,6 +24,9 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.ReservationNotFound: 404,
     errors.InsufficientStock: 409,
     errors.LimitExceeded: 409,
+    errors.NotEligible: 403,
+    errors.HoldCooldown: 429,
+    errors.RateLimited: 429,
     errors.StockConflict: 409,
     errors.ReservationReleased: 409,
     errors.ReservationConfirmed: 409,
@@ -61,6 +64,8 @@ def from_stock_error(exc: errors.StockError, instance: str | None = None) -> Res
     response = problem(status, exc.code, exc.title, exc.detail, instance, **exc.extra)
     if status == 503:
         response.headers["Retry-After"] = "1"  # a rebuild or PostgreSQL's return: worth retrying soon
+    elif isinstance(exc, errors.RetryLater):
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 

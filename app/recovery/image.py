@@ -21,12 +21,13 @@ import asyncpg
 import orjson
 
 from app.stock.keys import KeySpace
+from app.stock.policy import POLICY_FIELDS
 from app.stock.reservation_ids import home_shard_of
 
 SkuKey = tuple[str, str]  # (tenant, sku)
 
 LOAD_SKUS = """
-SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit FROM sku
+SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit, policy FROM sku
 """
 LOAD_LINES = """
 SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, status_before, confirmed_how,
@@ -49,6 +50,7 @@ class SkuImage:
     mode: str
     hold_ttl_seconds: int
     per_user_limit: int  # 0: none
+    policy: dict[str, int] = field(default_factory=dict)  # POLICY_FIELDS, 0 = rule off
     held: int = 0
     sold: int = 0
 
@@ -100,6 +102,13 @@ class ShardImage:
         return {p.reservation_id: p.deadline for p in self.parts if p.status in ("held", "pending") and p.deadline > 0}
 
 
+def _policy(stored: str | dict[str, object]) -> dict[str, int]:
+    """The policy's POLICY_FIELDS from the sku.policy column (asyncpg hands jsonb over as text); a field
+    missing (a SKU from before the rule existed) is 0: off."""
+    values = orjson.loads(stored) if isinstance(stored, str) else stored
+    return {f: int(str(values.get(f) or 0)) for f in POLICY_FIELDS}
+
+
 async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -> dict[int, ShardImage]:
     wanted = set(shards)
     images = {s: ShardImage(s) for s in wanted}
@@ -125,6 +134,7 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
                 row["mode"],
                 row["hold_ttl_seconds"],
                 row["per_user_limit"] or 0,
+                _policy(row["policy"]),
             )
     for (rid, shard), rows in by_part.items():
         if shard not in wanted:

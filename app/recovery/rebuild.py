@@ -125,6 +125,7 @@ class Rebuilder:
                 "mode": sku.mode,
                 "hold_ttl_seconds": sku.hold_ttl_seconds,
                 "per_user_limit": sku.per_user_limit,
+                **sku.policy,
             }
             commands.append(("hset", (k.sku(shard, sku.tenant, sku.sku), mapping)))
         for (tenant, sku_name), users in image.users.items():

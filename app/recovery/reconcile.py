@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 from app.recovery.image import SkuImage, load_images
 from app.recovery.rebuild import Rebuilder
 from app.stock.keys import KeySpace
+from app.stock.policy import POLICY_FIELDS
 
-FIELDS = ("on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit")
+FIELDS = ("on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit", *POLICY_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,8 @@ class Drift:
 def _values(image: SkuImage | None) -> dict[str, str]:
     if image is None:
         return {}
-    return {f: str(getattr(image, f)) for f in FIELDS}
+    values = {f: str(getattr(image, f)) for f in FIELDS if f not in POLICY_FIELDS}
+    return values | {f: str(image.policy.get(f, 0)) for f in POLICY_FIELDS}
 
 
 Position = tuple[int, int]  # a stream entry id "<ms>-<seq>" as numbers
@@ -61,7 +63,10 @@ async def _redis_snapshot(
     for name, row in zip(names, rows, strict=True):
         tenant, _, sku = name[len(prefix) :].partition(":")
         if not isinstance(row, Exception) and row[0] is not None:  # a SKU deleted meanwhile is skipped
-            found[(tenant, sku)] = {f: str(v) for f, v in zip(FIELDS, row, strict=True)}
+            # a policy field absent from the hash is a rule that is off, as PostgreSQL's 0 says
+            found[(tenant, sku)] = {
+                f: "0" if v is None and f in POLICY_FIELDS else str(v) for f, v in zip(FIELDS, row, strict=True)
+            }
     if isinstance(stream, Exception):  # no such key: no event in flight
         return found, (int(seconds) * 1000 + int(micros) // 1000, -1)
     ms, _, seq = str(stream["last-generated-id"]).partition("-")

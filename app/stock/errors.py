@@ -20,6 +20,9 @@ class ScriptCode(IntEnum):
     IDEMPOTENCY_CONFLICT = -8
     DUPLICATE_LINE = -9  # a caller bug (the API refuses duplicated SKUs): surfaces as an unexpected reply
     NOT_READY = -10  # the shard has no ready marker: Redis lost its data and it awaits a rebuild
+    NOT_ELIGIBLE = -11  # the buyer fails one of the SKU's eligibility rules
+    HOLD_COOLDOWN = -12  # the user's holds on the SKU lapsed too often of late
+    ORDER_LIMIT = -13  # a line asks for more than the SKU's max_per_order
 
 
 class StockError(Exception):
@@ -45,6 +48,31 @@ class InsufficientStock(StockError):
 class LimitExceeded(StockError):
     code = "limit_exceeded"
     title = "Per-user limit exceeded"
+
+
+class NotEligible(StockError):
+    code = "not_eligible"
+    title = "Buyer not eligible"
+
+
+class RetryLater(StockError):
+    """A refusal that lifts by itself after ``retry_after`` seconds (answered 429 with Retry-After)."""
+
+    def __init__(self, detail: str, retry_after: int, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
+        self.retry_after = retry_after
+
+
+class HoldCooldown(RetryLater):
+    """The user's holds on this SKU lapsed too often of late: no new hold before the cooldown ends."""
+
+    code = "hold_cooldown"
+    title = "Hold cooldown"
+
+
+class RateLimited(RetryLater):
+    code = "rate_limited"
+    title = "Too many requests"
 
 
 class StockConflict(StockError):

@@ -8,11 +8,15 @@ Layout (``s`` = shard number)::
 
     sh:{s}:sku:<tenant>:<sku>     HASH  counters and settings of one SKU
     sh:{s}:usr:<tenant>:<sku>     HASH  user_id -> units held + bought (per-user limit)
+    sh:{s}:lapses:<tenant>:<sku>  HASH  user_id -> hoarding record: recent lapsed holds, cooldown end
+                                        (lua/includes/policy.lua; expires when the rule no longer needs it)
     sh:{s}:res:<reservation_id>   HASH  one reservation's part on this shard (+ the document on its home shard)
     sh:{s}:expiry                 ZSET  reservation_id -> deadline (ms) of live pre_reserve holds
     sh:{s}:events                 STREAM every stock change, XADDed by the script that made it
     sh:{s}:idem:<tenant>:<digest> HASH  an Idempotency-Key's fingerprint and first answer
     sh:{s}:lease:<reservation_id> STRING who is operating on a reservation spanning shards (on its home shard)
+    rl:{<kind>:<subject>}         HASH  a rate limit's token bucket (kind user or ip): not a shard's key, each
+                                        bucket is its own hash slot (app/stock/rate_limits.py)
     sh:{s}:ready                  STRING the shard was rebuilt from PostgreSQL (when, JSON); stock scripts refuse
                                          to run without it, so an emptied Redis never sells from nothing
     sh:{s}:rebuilding             STRING lock held by the process rebuilding the shard
@@ -49,6 +53,9 @@ class KeySpace:
     def user_counts(self, shard: int, tenant: str, sku: str) -> str:
         return f"{self._tag(shard)}:usr:{tenant}:{sku}"
 
+    def lapses(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:lapses:{tenant}:{sku}"
+
     def reservation(self, shard: int, reservation_id: str) -> str:
         return f"{self._tag(shard)}:res:{reservation_id}"
 
@@ -62,6 +69,10 @@ class KeySpace:
         # Hash the client's key: it may be long or contain anything; the digest keeps key names bounded.
         digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()[:32]
         return f"{self._tag(shard)}:idem:{tenant}:{digest}"
+
+    @staticmethod
+    def rate_bucket(kind: str, subject: str) -> str:
+        return f"rl:{{{kind}:{subject}}}"
 
     def lease(self, shard: int, reservation_id: str) -> str:
         return f"{self._tag(shard)}:lease:{reservation_id}"

@@ -13,11 +13,18 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.stock.policy import Buyer, Eligibility, HoldCooldown, Policy
+
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SkuId = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
 # Printable text without control characters; 128 is ample for UUIDs, emails and platform user ids.
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 MAX_UNITS = 1_000_000_000  # keeps every counter far inside Lua's exact-integer range (2^53)
+
+
+def available_units(on_hand: int, safety_stock: int, held: int, sold: int) -> int:
+    """What a new hold may take (lua/includes/common.lua's available() is the same rule)."""
+    return max(0, on_hand - safety_stock - held - sold)
 
 
 class Mode(StrEnum):
@@ -38,7 +45,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class SkuSettings(_Strict):
+class SkuSettings(Policy):
+    """PUT /v1/skus/{sku}: the whole of a SKU's settings (a field left out takes its default, so a
+    rule of the purchase policy left out is off)."""
+
     on_hand: int = Field(ge=0, le=MAX_UNITS)
     safety_stock: int = Field(default=0, ge=0, le=MAX_UNITS)
     mode: Mode = Field(default=Mode.PRE_RESERVE, strict=False)
@@ -67,6 +77,7 @@ class ReservationRequest(_Strict):
     user_id: UserId
     items: list[ReservationItem] = Field(min_length=1, max_length=50)
     channel: Annotated[str, StringConstraints(pattern=SKU_PATTERN)] | None = None
+    buyer: Buyer | None = None
 
     @field_validator("items")
     @classmethod
@@ -89,6 +100,9 @@ class SkuState(BaseModel):
     mode: Mode
     hold_ttl_seconds: int
     per_user_limit: int | None
+    max_per_order: int | None
+    eligibility: Eligibility | None
+    hold_cooldown: HoldCooldown | None
 
 
 class ReservationLine(BaseModel):

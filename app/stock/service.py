@@ -30,9 +30,11 @@ from redis.exceptions import LockError
 
 from app.stock.clock import now_ms
 from app.stock.errors import (
+    HoldCooldown,
     IdempotencyConflict,
     InsufficientStock,
     LimitExceeded,
+    NotEligible,
     NotReady,
     ReservationBusy,
     ReservationConfirmed,
@@ -46,6 +48,7 @@ from app.stock.errors import (
 from app.stock.events import ReservationRecord, SaleLedger, parse_entries
 from app.stock.idempotency import IdempotencyRequest
 from app.stock.keys import KeySpace
+from app.stock.policy import ELIGIBILITY_RULES, NO_BUYER_ARGS, POLICY_FIELDS, policy_from_flat
 from app.stock.reservation_ids import home_shard_of, new_reservation_id
 from app.stock.schemas import (
     Adjustment,
@@ -57,14 +60,22 @@ from app.stock.schemas import (
     ReservationStatus,
     SkuSettings,
     SkuState,
+    available_units,
     from_ms,
 )
+from app.stock.sold_out import SoldOutBook
 from app.store.scripts import Scripts
 
 # A lease outlives any sane multi-shard operation (a few script calls, milliseconds) yet frees a
 # reservation soon after a crashed holder; a second caller waits up to LEASE_WAIT_SECONDS for it.
 LEASE_SECONDS = 10.0
 LEASE_WAIT_SECONDS = 5.0
+
+# The part scripts that read or write the hoarding records (lua/includes/policy.lua).
+_WITH_HOARDING_RECORDS = frozenset({"reserve", "release"})
+# A SKU hash's fields as SkuState reads them: counters, settings, then the purchase policy.
+SKU_STATE_FIELDS = ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"]
+SKU_STATE_FIELDS += POLICY_FIELDS
 
 # Overall status of a reservation from its parts' statuses: a release or an expiry of any part speaks
 # for the whole (the others follow within one sweep, deadlines being shared); 'confirmed' only when
@@ -109,13 +120,20 @@ class _Loaded:
 
 class StockService:
     def __init__(
-        self, redis: Redis, scripts: Scripts, keys: KeySpace, ledger: SaleLedger, idempotency_ttl_seconds: int
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: KeySpace,
+        ledger: SaleLedger,
+        idempotency_ttl_seconds: int,
+        sold_out: SoldOutBook | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
         self.keys = keys
         self.ledger = ledger
         self._idem_ttl = idempotency_ttl_seconds
+        self.sold_out = sold_out  # None: every reservation goes to Redis
 
     # -- catalogue ------------------------------------------------------------------------------------
 
@@ -144,11 +162,13 @@ class StockService:
                 now_ms(),
                 idem.fingerprint if idem else "",
                 self._idem_ttl,
+                *settings.script_args(),
             ],
         )
         if int(reply[0]) < 0:
             raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
-        return _sku_state(sku, reply[1:]), int(reply[0]) == 1
+        state = self._seen(tenant, _sku_state(sku, reply[1:]))
+        return state, int(reply[0]) == 1
 
     async def adjust(
         self, tenant: str, sku: str, adjustment: Adjustment, idem: IdempotencyRequest | None = None
@@ -175,24 +195,33 @@ class StockService:
         )
         if int(reply[0]) < 0:
             raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
-        return _sku_state(sku, reply[1:])
+        return self._seen(tenant, _sku_state(sku, reply[1:]))
 
     async def get_sku(self, tenant: str, sku: str) -> SkuState:
         shard = self.keys.shard_of(tenant, sku)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.ready(shard))
-            pipe.hmget(
-                self.keys.sku(shard, tenant, sku),
-                ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"],
-            )
+            pipe.hmget(self.keys.sku(shard, tenant, sku), SKU_STATE_FIELDS)
             ready, values = await pipe.execute()
         if not ready:
             raise _not_ready(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
-        return _sku_state(sku, [values[0], values[1], values[2], values[3], values[4], values[5], values[6]])
+        return self._seen(tenant, _sku_state(sku, values))
+
+    def _seen(self, tenant: str, state: SkuState) -> SkuState:
+        """Tells the sold-out fast path what a read or a change showed of a SKU."""
+        if self.sold_out is not None:
+            self.sold_out.learn(tenant, state.sku, state.available)
+        return state
 
     # -- reservations ---------------------------------------------------------------------------------
+
+    def refuse_known_sold_out(self, tenant: str, request: ReservationRequest) -> None:
+        """The sold-out fast path (app/stock/sold_out.py): raises InsufficientStock, with no Redis round
+        trip, when this process knows a SKU of the request has nothing left."""
+        if self.sold_out is not None and (refusal := self.sold_out.refusal(tenant, request.items)):
+            raise refusal
 
     async def reserve(
         self, tenant: str, request: ReservationRequest, reservation_id: str | None = None, retry: bool = False
@@ -243,15 +272,19 @@ class StockService:
                     part,
                     [rid, tenant, request.user_id, now, shared, doc if i == 0 else ""],
                     with_quantities=True,
+                    tail_args=request.buyer.script_args() if request.buyer else NO_BUYER_ARGS,
                 )
                 code = int(reply[0])
                 if code < 0:
-                    raise _script_error(code, reply, part)
+                    raise _script_error(code, reply, part, now=now)
                 done.append(part)
                 already = already or code == 1
                 statuses.append(reply[1])
                 deadlines.append(int(reply[2]))
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, InsufficientStock) and self.sold_out is not None:
+                for short in exc.extra["items"]:
+                    self.sold_out.learn(tenant, short["sku"], short["available"])
             # A refusal, or an error that leaves the current part's outcome unknown: all-or-nothing, so
             # undo every part done so far, an earlier attempt's included, and the current one (undoing a
             # part that does not exist changes nothing). The lease keeps other calls out meanwhile.
@@ -359,6 +392,8 @@ class StockService:
             if code < 0:
                 raise _script_error(code, reply, part)
             statuses.append(reply[1])
+        if self.sold_out is not None:
+            self.sold_out.forget(loaded.tenant, [item.sku for item in loaded.items])
         return _to_reservation(loaded, statuses)
 
     # -- internals ------------------------------------------------------------------------------------
@@ -422,7 +457,10 @@ class StockService:
         *,
         with_quantities: bool = False,
         mode: str | None = None,
+        tail_args: Sequence[Any] = (),
     ) -> Any:
+        """One part script's call. reserve and release also take each line's hoarding record (the purchase
+        policy's cooldown) after the lines' pairs."""
         shard = part.shard
         keys = [self.keys.reservation(shard, rid), self.keys.expiry(shard), self.keys.events(shard)]
         args: list[Any] = [*head_args, len(part.lines)]
@@ -434,7 +472,10 @@ class StockService:
             args.append(item.sku)
             if with_quantities:
                 args.append(item.quantity)
+        if script in _WITH_HOARDING_RECORDS:
+            keys.extend(self.keys.lapses(shard, tenant, item.sku) for _, item in part.lines)
         keys.append(self.keys.ready(shard))
+        args.extend(tail_args)
         return await self.scripts.call(script, keys, args)
 
     async def _undo(self, tenant: str, rid: str, done: list[_Part], now: int) -> None:
@@ -481,18 +522,22 @@ class StockService:
 
 
 def _sku_state(sku: str, values: Sequence[Any]) -> SkuState:
+    """A SkuState from SKU_STATE_FIELDS' values (a script's reply or an HMGET). Policy values may be
+    missing or None: a SKU, or an idempotency record, from before purchase policies has none."""
     on_hand, safety, held, sold = (int(v) for v in values[:4])
     limit = int(values[6])
+    policy = list(values[7:]) + [0] * (len(POLICY_FIELDS) - len(values[7:]))
     return SkuState(
         sku=sku,
         on_hand=on_hand,
         safety_stock=safety,
         held=held,
         sold=sold,
-        available=max(0, on_hand - safety - held - sold),
+        available=available_units(on_hand, safety, held, sold),
         mode=Mode(values[4]),
         hold_ttl_seconds=int(values[5]),
         per_user_limit=limit or None,
+        **policy_from_flat(policy),
     )
 
 
@@ -516,7 +561,7 @@ def _not_ready(shard: int) -> NotReady:
 
 
 def _script_error(
-    code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "", shard: int = -1
+    code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "", shard: int = -1, now: int = 0
 ) -> StockError:
     """The one place a script's negative reply becomes a domain error; line numbers become SKU names."""
 
@@ -540,10 +585,41 @@ def _script_error(
         line, limit, units = item(reply[1]), int(reply[2]), int(reply[3])
         return LimitExceeded(
             f"user may have at most {limit} of SKU {line.sku!r}; they have {units} and asked for {line.quantity}",
+            rule="per_user_limit",
             sku=line.sku,
             limit=limit,
             units=units,
             requested=line.quantity,
+        )
+    if code == ScriptCode.ORDER_LIMIT:
+        line, limit = item(reply[1]), int(reply[2])
+        return LimitExceeded(
+            f"one reservation may hold at most {limit} of SKU {line.sku!r}; it asked for {line.quantity}",
+            rule="max_per_order",
+            sku=line.sku,
+            limit=limit,
+            requested=line.quantity,
+        )
+    if code == ScriptCode.NOT_ELIGIBLE:
+        line, rule, minimum = item(reply[1]), str(reply[2]), int(reply[3])
+        fact = None if reply[4] == "" else int(reply[4])
+        fact_name = dict(ELIGIBILITY_RULES)[rule]
+        told = "the checkout did not send it" if fact is None else f"the buyer has {fact}"
+        return NotEligible(
+            f"SKU {line.sku!r} requires {fact_name} >= {minimum} ({rule}); {told}",
+            sku=line.sku,
+            rule=rule,
+            required=minimum,
+            actual=fact,
+        )
+    if code == ScriptCode.HOLD_COOLDOWN:
+        line, until = item(reply[1]), int(reply[2])
+        seconds = max(1, -(-(until - now) // 1000))  # rounded up: retrying earlier is refused again
+        return HoldCooldown(
+            f"this user's holds on SKU {line.sku!r} lapsed too often; no new hold for {seconds} s",
+            retry_after=seconds,
+            sku=line.sku,
+            until=from_ms(until).isoformat(),
         )
     if code == ScriptCode.STOCK_CONFLICT:
         held, sold = int(reply[1]), int(reply[2])

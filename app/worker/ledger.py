@@ -1,8 +1,9 @@
 """Persists stream events into PostgreSQL: the ``stock_movement`` ledger and the projections the system
 of record keeps beside it (``sku``, ``reservation``, ``reservation_line``, ``worker_progress``).
 
-A batch is one call of ``persist_event_batch()`` (migrations/0003_persist_event_batch.sql): the
-statements for every table run there, in one round trip whatever the batch's size. Python builds the
+A batch is one call of ``persist_event_batch()`` (migrations/0003_persist_event_batch.sql, wrapped by
+0004_purchase_policy.sql to store the purchase policy): the statements for every table run there, in one
+round trip whatever the batch's size. Python builds the
 rows (the newest event per SKU, the lines merged per reservation) and sorts each table's by primary key;
 the function writes the tables in a fixed sequence, so concurrent writers (several workers, confirm's
 write-through) lock rows in one global order and wait for each other but never deadlock. Everything is
@@ -25,6 +26,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from app.stock.errors import LedgerUnavailable
 from app.stock.events import RESERVE_TYPES, ReservationRecord, StreamEvent
+from app.stock.policy import POLICY_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ def _sku_rows(ordered: Sequence[StreamEvent]) -> list[dict[str, object]]:
                 "mode": sf.get("mode"),
                 "hold_ttl_seconds": sf["hold_ttl_seconds"],
                 "per_user_limit": sf["per_user_limit"],
+                # events from before purchase policies carry none: every rule off (0)
+                "policy": {f: int(sf.get(f) or 0) for f in POLICY_FIELDS},
                 "settings_event_ms": s.position[0],
                 "settings_event_seq": s.position[1],
             }

@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
+from app.stock.policy import POLICY_FIELDS
 from app.stock.reservation_ids import new_reservation_id
 from app.store.scripts import Scripts
 
@@ -19,6 +20,7 @@ TENANT = "default"
 NOW = 1_700_000_000_000  # a fixed "now" (ms): deadlines are exact
 FAR_FUTURE = 4_000_000_000_000  # past every deadline a test creates
 IDEM_TTL = 3600
+NO_POLICY = (0,) * len(POLICY_FIELDS)  # set_sku / adjust replies end with the policy's 7 fields
 
 
 def skus_on_one_shard(keys: KeySpace, prefix: str, count: int) -> list[str]:
@@ -68,12 +70,14 @@ async def set_sku(
     now: int = NOW,
     fingerprint: str = "",
     idem: str | None = None,
+    policy: Sequence[int] = NO_POLICY,
 ) -> Any:
+    """`policy`: the 7 POLICY_FIELDS of app/stock/policy.py, 0 = rule off."""
     shard = keys.shard_of(TENANT, sku)
     return await scripts.call(
         "set_sku",
         [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku), keys.ready(shard)],
-        [TENANT, sku, on_hand, safety, mode, ttl, limit, now, fingerprint, IDEM_TTL],
+        [TENANT, sku, on_hand, safety, mode, ttl, limit, now, fingerprint, IDEM_TTL, *policy],
     )
 
 
@@ -96,12 +100,15 @@ async def adjust(
     )
 
 
-def _part_layout(keys: KeySpace, rid: str, skus: Sequence[str]) -> list[str]:
-    """KEYS of a call on one reservation part, as StockService._call_part lays them out."""
+def _part_layout(keys: KeySpace, rid: str, skus: Sequence[str], *, hoarding: bool = False) -> list[str]:
+    """KEYS of a call on one reservation part, as StockService._call_part lays them out (reserve and
+    release take each line's hoarding record after the lines' pairs)."""
     shard = shard_of(keys, skus)
     layout = [keys.reservation(shard, rid), keys.expiry(shard), keys.events(shard)]
     for sku in skus:
         layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
+    if hoarding:
+        layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
     return [*layout, keys.ready(shard)]
 
 
@@ -115,12 +122,14 @@ async def reserve(
     now: int = NOW,
     deadline: str | int = "",
     doc: str = "",
+    buyer: Sequence[int | str] = ("", "", ""),
 ) -> Any:
-    layout = _part_layout(keys, rid, [sku for sku, _ in lines])
+    """`buyer`: account_age_days, orders_count, member_days ('' = not sent)."""
+    layout = _part_layout(keys, rid, [sku for sku, _ in lines], hoarding=True)
     args: list[Any] = [rid, TENANT, user, now, deadline, doc, len(lines)]
     for sku, qty in lines:
         args += [sku, qty]
-    return await scripts.call("reserve", layout, args)
+    return await scripts.call("reserve", layout, [*args, *buyer])
 
 
 async def confirm(scripts: Scripts, keys: KeySpace, rid: str, skus: Sequence[str], *, now: int = NOW) -> Any:
@@ -136,7 +145,7 @@ async def revert_confirm(scripts: Scripts, keys: KeySpace, rid: str, skus: Seque
 async def release(
     scripts: Scripts, keys: KeySpace, rid: str, skus: Sequence[str], *, how: str = "release", now: int = NOW
 ) -> Any:
-    layout = _part_layout(keys, rid, skus)
+    layout = _part_layout(keys, rid, skus, hoarding=True)
     return await scripts.call("release", layout, [rid, now, len(skus), how, *skus])
 
 
@@ -150,6 +159,7 @@ async def expire_holds(
         layout.append(keys.reservation(shard, rid))
         for sku in skus:
             layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
+        layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
         args += [rid, len(skus), *skus]
     return await scripts.call("expire_holds", [*layout, keys.ready(shard)], args)
 

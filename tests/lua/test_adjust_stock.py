@@ -12,6 +12,7 @@ from app.store.scripts import Scripts
 from tests.helpers import snapshot
 from tests.lua.support import (
     IDEM_TTL,
+    NO_POLICY,
     NOW,
     TENANT,
     Counters,
@@ -48,7 +49,7 @@ async def test_restock_adds_to_on_hand_and_emits_adjusted(redis: Redis, scripts:
     reply = await adjust(scripts, keys, "tea", 5, reason="delivery 42", now=NOW + 7)
 
     # then
-    assert reply == [0, 15, 2, 3, 1, "pre_reserve", 900, 7]
+    assert reply == [0, 15, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY]
     assert await counters(redis, keys, "tea") == Counters(on_hand=15, safety=2, held=3, sold=1)
     assert (await events_of(redis, keys, "tea"))[-1] == {
         "type": "adjusted",
@@ -76,7 +77,7 @@ async def test_shrink_down_to_exactly_held_plus_sold_plus_safety(
     reply = await adjust(scripts, keys, "coffee", -4, reason="breakage")
 
     # then
-    assert reply == [0, 6, 2, 3, 1, "pre_reserve", 900, 7]
+    assert reply == [0, 6, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY]
     state = await counters(redis, keys, "coffee")
     state.check_invariant()
     assert state.available == 0
@@ -129,7 +130,7 @@ async def test_replay_returns_the_first_result_without_adjusting_again(
     await set_sku(scripts, keys, "rice", 10)
     record = idem_key(keys, "rice", "POST /v1/skus/rice/adjustments", "key-1")
     first = await adjust(scripts, keys, "rice", 5, fingerprint="fp-1", idem=record)
-    assert first == [0, 15, 0, 0, 0, "pre_reserve", 900, 0]
+    assert first == [0, 15, 0, 0, 0, "pre_reserve", 900, 0, *NO_POLICY]
     assert 0 < await redis.ttl(record) <= IDEM_TTL
     before = await snapshot(redis)
 

@@ -7,10 +7,12 @@ import asyncio
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
+from app.stock.policy import POLICY_FIELDS
 from app.store.scripts import Scripts
 from tests.helpers import snapshot
 from tests.lua.support import (
     IDEM_TTL,
+    NO_POLICY,
     NOW,
     TENANT,
     adjust,
@@ -28,13 +30,17 @@ from tests.lua.support import (
     sku_hash,
 )
 
+# max_per_order, min_account_age_days, min_orders, min_member_days, cooldown after/within/minutes
+POLICY = (2, 30, 1, 7, 3, 60, 30)
+POLICY_FIELDS_SET = {name: str(value) for name, value in zip(POLICY_FIELDS, POLICY, strict=True)}
+
 
 async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
     # when
-    reply = await set_sku(scripts, keys, "mug", 10, safety=2, mode="on_order", ttl=60, limit=3, now=NOW)
+    reply = await set_sku(scripts, keys, "mug", 10, safety=2, mode="on_order", ttl=60, limit=3, now=NOW, policy=POLICY)
 
     # then
-    assert reply == [1, 10, 2, 0, 0, "on_order", 60, 3]
+    assert reply == [1, 10, 2, 0, 0, "on_order", 60, 3, *POLICY]
     assert await sku_hash(redis, keys, "mug") == {
         "on_hand": "10",
         "safety_stock": "2",
@@ -43,6 +49,7 @@ async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scrip
         "mode": "on_order",
         "hold_ttl_seconds": "60",
         "per_user_limit": "3",
+        **POLICY_FIELDS_SET,
     }
     shard = keys.shard_of(TENANT, "mug")
     assert await events(redis, keys, shard) == [
@@ -61,6 +68,7 @@ async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scrip
             "mode": "on_order",
             "hold_ttl_seconds": "60",
             "per_user_limit": "3",
+            **POLICY_FIELDS_SET,
         }
     ]
     # no fingerprint: the idempotency record is not written
@@ -81,7 +89,7 @@ async def test_update_keeps_held_and_sold_and_reports_the_on_hand_delta(
     reply = await set_sku(scripts, keys, "lamp", 7, safety=1, mode="on_payment", ttl=30, limit=5, now=NOW + 1)
 
     # then
-    assert reply == [0, 7, 1, 3, 2, "on_payment", 30, 5]
+    assert reply == [0, 7, 1, 3, 2, "on_payment", 30, 5, *NO_POLICY]
     assert await sku_hash(redis, keys, "lamp") == {
         "on_hand": "7",
         "safety_stock": "1",
@@ -90,6 +98,7 @@ async def test_update_keeps_held_and_sold_and_reports_the_on_hand_delta(
         "mode": "on_payment",
         "hold_ttl_seconds": "30",
         "per_user_limit": "5",
+        **dict.fromkeys(POLICY_FIELDS, "0"),
     }
     last = (await events_of(redis, keys, "lamp"))[-1]
     assert (last["type"], last["qty"], last["at"]) == ("sku_set", "-3", str(NOW + 1))
@@ -148,7 +157,7 @@ async def test_replay_with_same_fingerprint_returns_first_result_and_changes_not
     # given a first call under an Idempotency-Key
     record = idem_key(keys, "vase", "PUT /v1/skus/vase", "key-1")
     first = await set_sku(scripts, keys, "vase", 10, limit=2, fingerprint="fp-1", idem=record)
-    assert first == [1, 10, 0, 0, 0, "pre_reserve", 900, 2]
+    assert first == [1, 10, 0, 0, 0, "pre_reserve", 900, 2, *NO_POLICY]
     assert await redis.hget(record, "fp") == "fp-1"
     assert 0 < await redis.ttl(record) <= IDEM_TTL
     before = await snapshot(redis)

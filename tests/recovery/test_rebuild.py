@@ -16,21 +16,16 @@ from redis.asyncio import Redis
 from app.recovery.rebuild import Rebuilder
 from app.stock.errors import InsufficientStock, LimitExceeded, NotReady
 from app.stock.keys import KeySpace
-from app.stock.schemas import Adjustment, Mode, Reservation, ReservationItem, ReservationRequest, SkuSettings
+from app.stock.policy import Eligibility, HoldCooldown
+from app.stock.schemas import Adjustment, Mode, Reservation, SkuSettings
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
 from app.worker.consumer import WriteBehindWorker
-from tests.helpers import snapshot
+from tests.helpers import req, snapshot
 from tests.stock.test_cross_shard import skus_on_distinct_shards
 
 TENANT = "default"
 FAR_FUTURE_MS = 10**13  # every deadline has passed by then
-
-
-def req(user: str, *items: tuple[str, int], channel: str | None = None) -> ReservationRequest:
-    return ReservationRequest(
-        user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items], channel=channel
-    )
 
 
 def sku_beside(keys: KeySpace, sku: str) -> str:
@@ -87,11 +82,22 @@ async def mixed_workload(service: StockService, sweeper: ExpirySweeper, keys: Ke
     a, b, c, d, e = skus_on_distinct_shards(keys, 5)
     a2 = sku_beside(keys, a)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=50, safety_stock=2, per_user_limit=4))
-    await service.put_sku(TENANT, a2, SkuSettings(on_hand=5, hold_ttl_seconds=120))
+    await service.put_sku(TENANT, a2, SkuSettings(on_hand=5, hold_ttl_seconds=120, max_per_order=3))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=10, mode=Mode.ON_PAYMENT))
-    await service.put_sku(TENANT, c, SkuSettings(on_hand=8, mode=Mode.ON_ORDER, per_user_limit=3))
+    await service.put_sku(
+        TENANT, c, SkuSettings(on_hand=8, mode=Mode.ON_ORDER, per_user_limit=3, max_per_order=1)
+    )  # the policy is dropped by the later update below
     await service.put_sku(TENANT, d, SkuSettings(on_hand=6, safety_stock=1, hold_ttl_seconds=60))
-    await service.put_sku(TENANT, e, SkuSettings(on_hand=7))  # catalogue only, never reserved
+    await service.put_sku(  # catalogue only, never reserved; its purchase policy has every rule
+        TENANT,
+        e,
+        SkuSettings(
+            on_hand=7,
+            max_per_order=2,
+            eligibility=Eligibility(min_account_age_days=30, min_orders=1, min_member_days=7),
+            hold_cooldown=HoldCooldown(after_lapses=3, within_minutes=10, cooldown_minutes=30),
+        ),
+    )
     await service.adjust(TENANT, d, Adjustment(delta=4, reason="restock"))
     await service.adjust(TENANT, e, Adjustment(delta=-2, reason="shrinkage"))
     # settings changed later: the rebuild must take the newest sku_set's settings
@@ -142,6 +148,9 @@ async def test_a_flushed_redis_is_rebuilt_key_for_key(
     # (the workload left every kind of state behind, or the comparison below would prove little)
     assert {r["status"] for r in views_before[1].values()} == {"held", "pending", "confirmed", "released", "expired"}
     assert any(":usr:" in k for k in before) and any(k.endswith(":expiry") for k in before)
+    policies = {sku: (v["max_per_order"], v["eligibility"], v["hold_cooldown"]) for sku, v in views_before[0].items()}
+    assert policies[skus[1]][0] == 3 and policies[skus[3]] == (None, None, None)  # a2's cap; c's was dropped
+    assert all(policies[skus[5]]), "e carries every kind of rule"
 
     # when Redis loses everything and is rebuilt from PostgreSQL
     await redis.flushdb()

@@ -10,9 +10,10 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
-from app.stock.schemas import Mode, ReservationItem, ReservationRequest, SkuSettings
+from app.stock.schemas import Mode, SkuSettings
 from app.stock.service import StockService
 from tests.conftest import Servers
+from tests.helpers import req
 from tests.recovery.test_redis_loss import cli
 from tests.stock.test_cross_shard import skus_on_distinct_shards
 
@@ -26,10 +27,6 @@ def env_for(servers: Servers) -> dict[str, str]:
         "DATABASE_URL": servers.database_url,
         "STOCKHOLD_SHARDS": "16",
     }
-
-
-def req(user: str, *items: tuple[str, int]) -> ReservationRequest:
-    return ReservationRequest(user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items])
 
 
 async def some_trade(service: StockService, keys: KeySpace) -> tuple[str, str, str]:

@@ -11,9 +11,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.stock.errors import InsufficientStock, LimitExceeded, ReservationBusy, SkuNotFound
 from app.stock.keys import KeySpace
-from app.stock.schemas import Adjustment, ReservationItem, ReservationRequest, SkuSettings
+from app.stock.schemas import Adjustment, SkuSettings
 from app.stock.service import StockService, combine_statuses
-from tests.helpers import snapshot
+from tests.helpers import req, snapshot
 
 TENANT = "default"
 
@@ -28,10 +28,6 @@ def skus_on_distinct_shards(keys: KeySpace, count: int) -> list[str]:
     return list(chosen.values())
 
 
-def request(user: str, *items: tuple[str, int]) -> ReservationRequest:
-    return ReservationRequest(user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items])
-
-
 async def test_second_shard_refusing_restores_first_shard_exactly(
     service: StockService, redis: Redis, keys: KeySpace
 ) -> None:
@@ -39,14 +35,14 @@ async def test_second_shard_refusing_restores_first_shard_exactly(
     first, second = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, first, SkuSettings(on_hand=10, per_user_limit=5))
     await service.put_sku(TENANT, second, SkuSettings(on_hand=1))
-    await service.reserve(TENANT, request("zoe", (first, 2)))
+    await service.reserve(TENANT, req("zoe", (first, 2)))
     before = await snapshot(redis)
     first_key = keys.sku(keys.shard_of(TENANT, first), TENANT, first)
     counters_before = await redis.hgetall(first_key)  # type: ignore[misc]
 
     # when the first shard grants and the second refuses
     with pytest.raises(InsufficientStock) as refused:
-        await service.reserve(TENANT, request("zoe", (first, 3), (second, 2)))
+        await service.reserve(TENANT, req("zoe", (first, 3), (second, 2)))
 
     # then the first shard's counters, per-user units, parts and expiry index are exactly as before
     assert refused.value.extra["items"] == [{"sku": second, "requested": 2, "available": 1}]
@@ -68,7 +64,7 @@ async def test_three_shards_third_refuses_limit(service: StockService, redis: Re
     before = {sku: await service.get_sku(TENANT, sku) for sku in (a, b, c)}
 
     with pytest.raises(LimitExceeded):
-        await service.reserve(TENANT, request("yan", (a, 1), (b, 1), (c, 2)))
+        await service.reserve(TENANT, req("yan", (a, 1), (b, 1), (c, 2)))
 
     assert {sku: await service.get_sku(TENANT, sku) for sku in (a, b, c)} == before
 
@@ -77,7 +73,7 @@ async def test_unknown_sku_on_a_later_shard_holds_nothing(service: StockService,
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5))
     with pytest.raises(SkuNotFound):
-        await service.reserve(TENANT, request("xia", (a, 1), (b, 1)))
+        await service.reserve(TENANT, req("xia", (a, 1), (b, 1)))
     assert (await service.get_sku(TENANT, a)).held == 0
 
 
@@ -85,7 +81,7 @@ async def test_cross_shard_reservation_lifecycle(service: StockService, keys: Ke
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5, hold_ttl_seconds=60))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=5, hold_ttl_seconds=30))
-    held = await service.reserve(TENANT, request("wu", (a, 2), (b, 3)))
+    held = await service.reserve(TENANT, req("wu", (a, 2), (b, 3)))
     assert held.status == "held"
     # one deadline for the whole reservation: the shortest ttl of its pre_reserve lines
     assert held.expires_at is not None
@@ -106,8 +102,8 @@ async def test_cross_shard_confirm_is_reverted_when_a_later_shard_lacks_stock(
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5, mode="on_payment"))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=1, mode="on_payment"))
-    pending = await service.reserve(TENANT, request("vic", (a, 2), (b, 1)))
-    rival = await service.reserve(TENANT, request("uma", (b, 1)))
+    pending = await service.reserve(TENANT, req("vic", (a, 2), (b, 1)))
+    rival = await service.reserve(TENANT, req("uma", (b, 1)))
     await service.confirm(TENANT, rival.id)
     before = (await service.get_sku(TENANT, a), await service.get_sku(TENANT, b))
 
@@ -124,7 +120,7 @@ async def test_cross_shard_release(service: StockService, keys: KeySpace) -> Non
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=5))
-    held = await service.reserve(TENANT, request("tom", (a, 5), (b, 5)))
+    held = await service.reserve(TENANT, req("tom", (a, 5), (b, 5)))
     released = await service.release(TENANT, held.id)
     assert released.status == "released"
     assert [(await service.get_sku(TENANT, s)).available for s in (a, b)] == [5, 5]
@@ -157,7 +153,7 @@ async def test_duplicate_confirm_cannot_slip_between_a_failed_confirm_and_its_re
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5, mode="on_payment"))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=1, mode="on_payment"))
-    pending = await service.reserve(TENANT, request("pat", (a, 2), (b, 1)))
+    pending = await service.reserve(TENANT, req("pat", (a, 2), (b, 1)))
     await service.adjust(TENANT, b, Adjustment(delta=-1, reason="damaged"))
     reverting, resume = asyncio.Event(), asyncio.Event()
     real_call = service.scripts.call
@@ -208,10 +204,10 @@ async def test_an_error_between_shards_is_compensated(
     with monkeypatch.context() as patch:
         patch.setattr(service.scripts, "call", second_reserve_fails)
         with pytest.raises(RedisConnectionError):
-            await service.reserve(TENANT, request("quin", (a, 2), (b, 1)))
+            await service.reserve(TENANT, req("quin", (a, 2), (b, 1)))
 
     assert [(await service.get_sku(TENANT, s)).held for s in (a, b)] == [0, 0]
-    assert (await service.reserve(TENANT, request("quin", (a, 2), (b, 1)))).status == "held"
+    assert (await service.reserve(TENANT, req("quin", (a, 2), (b, 1)))).status == "held"
 
 
 async def test_a_held_lease_makes_others_wait_then_answers_busy(
@@ -220,7 +216,7 @@ async def test_a_held_lease_makes_others_wait_then_answers_busy(
     a, b = skus_on_distinct_shards(keys, 2)
     await service.put_sku(TENANT, a, SkuSettings(on_hand=5))
     await service.put_sku(TENANT, b, SkuSettings(on_hand=5))
-    held = await service.reserve(TENANT, request("rae", (a, 1), (b, 1)))
+    held = await service.reserve(TENANT, req("rae", (a, 1), (b, 1)))
     monkeypatch.setattr("app.stock.service.LEASE_WAIT_SECONDS", 0.2)
     # another replica holds the reservation's lease (and, say, died holding it)
     lease = keys.lease(keys.shard_of(TENANT, a), held.id)

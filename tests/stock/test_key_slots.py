@@ -14,6 +14,7 @@ from redis.crc import key_slot
 from app.stock.errors import InsufficientStock
 from app.stock.idempotency import IdempotencyRequest, IdempotencyStore
 from app.stock.keys import KeySpace
+from app.stock.rate_limits import Bucket, RateLimiter
 from app.stock.schemas import Adjustment, ReservationItem, ReservationRequest, SkuSettings
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
@@ -63,9 +64,12 @@ async def test_every_script_call_stays_in_one_slot(
     assert await sweeper.sweep_once(now=10**13) >= 1
     await service.release(TENANT, expiring.id)
     await idempotency.claim(TENANT, IdempotencyRequest(key="k2", scope="POST /v1/reservations", fingerprint="f"), "r")
+    limiter = RateLimiter(service.scripts, keys, per_user=Bucket(1, 1), per_ip=Bucket(1, 1))
+    await limiter.check_user(TENANT, "u1")
+    await limiter.check_ip("192.0.2.1")
 
     expected = {"set_sku", "adjust_stock", "reserve", "confirm", "revert_confirm", "release", "expire_holds"}
-    assert expected | {"claim_idempotency"} == set(calls) == set(service.scripts.sources)
+    assert expected | {"claim_idempotency", "take_token"} == set(calls) == set(service.scripts.sources)
     for name, key_lists in calls.items():
         for key_list in key_lists:
             slots = {key_slot(k.encode()) for k in key_list}

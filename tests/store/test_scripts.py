@@ -41,7 +41,7 @@ async def test_calls_survive_script_flush(redis: Redis, keys: KeySpace) -> None:
         keys.idempotency(shard, "default", "-", "-"),
         keys.ready(shard),
     ]
-    args = ["default", "x", 5, 0, "pre_reserve", 60, 0, 1, "", 60]
+    args = ["default", "x", 5, 0, "pre_reserve", 60, 0, 1, "", 60, *[0] * 7]  # 7: the purchase policy, off
 
     await redis.script_flush()  # as after a Redis restart or failover: the SHA is unknown
     assert await redis.script_exists(scripts.sha("set_sku")) == [False]

@@ -13,11 +13,12 @@ from redis.asyncio import Redis
 from app.stock.errors import InsufficientStock
 from app.stock.events import StreamEvent
 from app.stock.keys import KeySpace
-from app.stock.schemas import Adjustment, ReservationItem, ReservationRequest, SkuSettings
+from app.stock.schemas import Adjustment, SkuSettings
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
 from app.worker.consumer import GROUP, WriteBehindWorker
 from app.worker.ledger import persist_events
+from tests.helpers import req
 from tests.stock.test_cross_shard import skus_on_distinct_shards
 
 TENANT = "default"
@@ -72,10 +73,6 @@ async def workload(service: StockService, sweeper: ExpirySweeper, keys: KeySpace
     await service.reserve(TENANT, req("z", (c, 2)))
     await sweeper.sweep_once(now=10**13)  # expired and lapsed
     return [a, b, c, d]
-
-
-def req(user: str, *items: tuple[str, int]) -> ReservationRequest:
-    return ReservationRequest(user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items])
 
 
 async def total_events(redis: Redis, keys: KeySpace) -> int:

@@ -8,10 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, ServiceDep, TenantDep
+from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, RateLimiterDep, ServiceDep, TenantDep
 from app.api.idempotent import run_idempotent
 from app.api.responses import json_response, problem_schema
 from app.stock.idempotency import IdempotencyStore
+from app.stock.rate_limits import RateLimiter
 from app.stock.schemas import Reservation, ReservationRequest
 from app.stock.service import StockService
 
@@ -50,9 +51,13 @@ ReservationPath = Annotated[
     response_model=Reservation,
     summary="Reserve stock, all-or-nothing",
     responses={
+        403: problem_schema("not_eligible (names the eligibility rule the buyer fails)"),
         404: problem_schema("sku_not_found"),
-        409: problem_schema("insufficient_stock (with per-item available) / limit_exceeded"),
+        409: problem_schema(
+            "insufficient_stock (with per-item available) / limit_exceeded (rule per_user_limit or max_per_order)"
+        ),
         422: problem_schema("validation_error / idempotency_conflict"),
+        429: problem_schema("hold_cooldown / rate_limited, with Retry-After"),
         503: problem_schema("not_ready"),
     },
 )
@@ -62,21 +67,27 @@ async def create_reservation(
     service: ServiceDep,
     store: IdempotencyStoreDep,
     tenant: TenantDep,
+    limiter: RateLimiterDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    return await reserve(service, store, tenant, body, idempotency_key, request.url.path)
+    return await reserve(service, store, limiter, tenant, body, idempotency_key, request.url.path)
 
 
 async def reserve(
     service: StockService,
     store: IdempotencyStore,
+    limiter: RateLimiter,
     tenant: str,
     body: ReservationRequest,
     idempotency_key: str | None,
     instance: str,
 ) -> Response:
     """The reservation under its Idempotency-Key, if any; the route and the hot path (app/api/hot_path.py)
-    both answer through here."""
+    both answer through here. A SKU this process knows is sold out is refused first, from memory
+    (app/stock/sold_out.py), then the per-user rate limit; neither claims the Idempotency-Key, so a retry
+    runs afresh, as for any request refused before it started (Stripe does the same)."""
+    service.refuse_known_sold_out(tenant, body)
+    await limiter.check_user(tenant, body.user_id)
 
     async def run(reservation_id: str, retry: bool) -> Response:
         return json_response(await service.reserve(tenant, body, reservation_id, retry), 201)
