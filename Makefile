@@ -12,7 +12,7 @@ help:
 	@echo "make lint   ruff (lint + format check) and mypy"
 	@echo "make bench  reserve hot path side by side with a trivial FastAPI endpoint and PostgreSQL-only designs (~3 min, 127.0.0.1 only)"
 	@echo "make bench-writebehind  write-behind lag at 2,000/s and the worker's drain rate (~90 s)"
-	@echo "make loadtest SCENARIO=last-bottle|flash-100|steady-checkout [URL=http://...]  Locust flash sale + audit"
+	@echo "make loadtest SCENARIO=last-bottle|flash-100|flash-100-eligibility|steady-checkout [URL=http://...]  Locust flash sale + audit"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \

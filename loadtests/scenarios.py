@@ -32,6 +32,9 @@ class BuyerBehaviour:
     late_pay_p: float = 0.3  # after cancelling, a payment arrives anyway: must answer reservation_released
     max_skus: int = 1  # basket size drawn from 1..max_skus (distinct SKUs: cross-shard reservations)
     quantity: int = 1
+    # Real customers mostly have history; some opened their account today and fail eligibility rules
+    # (the price of the rules, measured alongside what they stop).
+    new_account_p: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class ScalperBehaviour:
     pay_p: float = 0.5  # pay at the last moment; otherwise leave the hold to expire
     pay_margin_s: float = 5.0  # how long before the deadline the last-moment payment is sent
     quantity: int = 1
+    # The seeds' scalpers used accounts opened that day, with no orders; a few buy aged accounts.
+    aged_account_p: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class Scenario:
     safety_stock: int = 0
     per_user_limit: int | None = None
     hold_ttl_seconds: int = 900
+    # The SKUs' eligibility rules (PUT /v1/skus' `eligibility`); None: off. Users always send what a
+    # checkout knows of them (`buyer`), so a run with rules and one without differ only by the rules.
+    eligibility: dict[str, int] | None = None
     weights: Weights = field(default_factory=Weights)
     buyer: BuyerBehaviour = field(default_factory=BuyerBehaviour)
     scalper: ScalperBehaviour = field(default_factory=ScalperBehaviour)
@@ -123,6 +131,17 @@ SCENARIOS: dict[str, Scenario] = {
             on_hand=100,
             per_user_limit=1,
             hold_ttl_seconds=20,
+        ),
+        Scenario(
+            name="flash-100-eligibility",
+            summary="flash-100 with eligibility rules on: account >= 30 days old with >= 1 order",
+            users=10_000,
+            spawn_rate=2_000,
+            run_time_s=180,
+            on_hand=100,
+            per_user_limit=1,
+            hold_ttl_seconds=20,
+            eligibility={"min_account_age_days": 30, "min_orders": 1},
         ),
         Scenario(
             name="steady-checkout",

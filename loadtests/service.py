@@ -95,6 +95,7 @@ def create_skus(url: str, scenario: Scenario, run_id: str) -> list[str]:
         "mode": "pre_reserve",
         "hold_ttl_seconds": scenario.hold_ttl_seconds,
         "per_user_limit": scenario.per_user_limit,
+        "eligibility": scenario.eligibility,
     }
     with httpx.Client(base_url=url, timeout=10) as http:
         for name in names:

@@ -34,6 +34,7 @@ from loadtests.outcomes import Outcomes, Sale
 from loadtests.scenarios import Run, Scenario
 
 CREATED: Expected = {201: None, 409: frozenset({"insufficient_stock", "limit_exceeded"})}
+CREATED_UNDER_RULES: Expected = {**CREATED, 403: frozenset({"not_eligible"})}  # the SKU has eligibility rules
 # Paying a live hold: 200; had it expired meanwhile (slow payer, slow answer), 409 if the stock is gone.
 PAID: Expected = {200: None, 409: frozenset({"insufficient_stock"})}
 PAID_AFTER_RELEASE: Expected = {409: frozenset({"reservation_released"})}
@@ -45,6 +46,18 @@ CONFIRM_TRIES = 3
 # How a request on a connection the service closed meanwhile fails (the reset, when it comes mid-send).
 CLOSED_CONNECTION = (HTTPConnectionClosed, ConnectionResetError, BrokenPipeError)
 IDLE_CLOSE_S = 2.0  # pauses longer than this start again on a fresh connection (see StockholdUser.pause)
+
+
+def account_facts(new: bool) -> dict[str, int]:
+    """What a checkout knows of an account (the reservation's `buyer`): one opened within the week with
+    no order yet, or an established one."""
+    if new:
+        return {"account_age_days": random.randint(0, 7), "orders_count": 0, "member_days": random.randint(0, 7)}
+    return {
+        "account_age_days": random.randint(60, 3650),
+        "orders_count": random.randint(1, 300),
+        "member_days": random.randint(30, 2000),
+    }
 
 
 class _StaleConnection(Exception):
@@ -159,12 +172,15 @@ class StockholdUser(FastHttpUser):
                 return Answer(answer.status, answer.label, answer.body, wrong)
         return answer
 
-    def reserve(self, user_id: str, items: list[dict[str, Any]], name: str) -> tuple[Answer, Hold | None]:
+    def reserve(
+        self, user_id: str, items: list[dict[str, Any]], name: str, buyer: dict[str, int]
+    ) -> tuple[Answer, Hold | None]:
         def check(doc: dict[str, Any]) -> str | None:
             return reservation_error(doc, frozenset({"held"}), user_id=user_id, items=items, needs_deadline=True)
 
-        body = {"user_id": user_id, "items": items}
-        answer = self.call("POST", "/v1/reservations", name, CREATED, body, check, uuid.uuid4().hex)
+        body = {"user_id": user_id, "items": items, "buyer": buyer}
+        expected = CREATED_UNDER_RULES if self.scenario.eligibility else CREATED
+        answer = self.call("POST", "/v1/reservations", name, expected, body, check, uuid.uuid4().hex)
         if not answer.ok or answer.status != 201:
             return answer, None
         self.shared.outcomes.holds[self.kind] += 1
@@ -251,11 +267,12 @@ class Buyer(JourneyUser):
         user_id = f"buyer-{self.number}{suffix}"  # a new customer each journey: the limit counts per user
         basket = random.sample(skus, random.randint(1, min(b.max_skus, len(skus))))
         items = [{"sku": sku, "quantity": b.quantity} for sku in basket]
+        facts = account_facts(new=random.random() < b.new_account_p)
         hold = None
         for attempt in range(b.attempts):
             if attempt and self.pause(random.uniform(*b.retry_think_s)):
                 return
-            answer, hold = self.reserve(user_id, items, "buyer: reserve")
+            answer, hold = self.reserve(user_id, items, "buyer: reserve", facts)
             if hold or answer.code != "insufficient_stock":
                 break
         if hold is None or self.pause(random.uniform(*b.think_s)):
@@ -290,10 +307,11 @@ class Scalper(JourneyUser):
 
     def _grab(self, account: str, sku: str) -> Hold | None:
         items = [{"sku": sku, "quantity": self.scenario.scalper.quantity}]
+        facts = account_facts(new=random.random() >= self.scenario.scalper.aged_account_p)
         for attempt in range(1 + self.scenario.scalper.retries):
             if attempt and self.shared.halt.is_set():
                 return None
-            answer, hold = self.reserve(account, items, "scalper: reserve")
+            answer, hold = self.reserve(account, items, "scalper: reserve", facts)
             if hold or answer.code != "insufficient_stock":
                 return hold
         return None
