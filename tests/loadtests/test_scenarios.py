@@ -51,12 +51,12 @@ async def test_last_bottle_through_a_service_the_runner_starts(
     assert "buyer: reserve" in files["locust_stats.csv"].read_text()
 
 
-async def test_scaled_down_flash_sale_against_a_given_url(
+async def test_scaled_down_flash_sale_with_eligibility_rules_against_a_given_url(
     server: str, service_env: dict[str, str], pg: asyncpg.Pool, tmp_path: Path
 ) -> None:
     folder = tmp_path / "run"
     args = [
-        *("flash-100", "--url", server, "--database-url", service_env["DATABASE_URL"]),
+        *("flash-100-eligibility", "--url", server, "--database-url", service_env["DATABASE_URL"]),
         *("--redis-url", service_env["REDIS_URL"], "--users", "1500", "--confirm-all", "--run-time", "120"),
         *("--results-dir", str(folder)),
     ]
@@ -71,6 +71,8 @@ async def test_scaled_down_flash_sale_against_a_given_url(
     assert sum(item["quantity"] for sale in sales for item in sale["items"]) == 100
     assert len({sale["user_id"] for sale in sales}) == 100  # per-user limit 1: a hundred different accounts
     assert outcomes["journeys"] == {"buyer": 1000, "scalper": 500}  # a third scalpers
+    # most scalper accounts are new: the rules refused them (and no answer was unexpected: the audit passed)
+    assert outcomes["responses"].get("scalper: reserve -> 403 not_eligible", 0) > 0, outcomes["responses"]
     assert tuple(await pg.fetchrow(SOLD_AND_HELD, sku) or ()) == (100, 0)
     confirmed_lines = await pg.fetchval(
         "SELECT count(*) FROM reservation_line WHERE sku = $1 AND status = 'confirmed'", sku
