@@ -106,6 +106,17 @@ class Scenario:
         return classes
 
 
+FLASH_100 = Scenario(
+    name="flash-100",
+    summary="100 units, 10,000 buyers (a third scalpers), per-user limit 1",
+    users=10_000,
+    spawn_rate=2_000,
+    run_time_s=180,
+    on_hand=100,
+    per_user_limit=1,
+    hold_ttl_seconds=20,
+)
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -122,25 +133,12 @@ SCENARIOS: dict[str, Scenario] = {
             buyer=BuyerBehaviour(attempts=3, retry_think_s=(0.5, 2.0), think_s=(0.5, 2.0)),
             scalper=ScalperBehaviour(retries=3, pay_margin_s=3.0),
         ),
-        Scenario(
-            name="flash-100",
-            summary="100 units, 10,000 buyers (a third scalpers), per-user limit 1",
-            users=10_000,
-            spawn_rate=2_000,
-            run_time_s=180,
-            on_hand=100,
-            per_user_limit=1,
-            hold_ttl_seconds=20,
-        ),
-        Scenario(
+        FLASH_100,
+        # the same sale and crowd, only the SKU's rules differ: the scalpers' share of winners compares
+        dataclasses.replace(
+            FLASH_100,
             name="flash-100-eligibility",
             summary="flash-100 with eligibility rules on: account >= 30 days old with >= 1 order",
-            users=10_000,
-            spawn_rate=2_000,
-            run_time_s=180,
-            on_hand=100,
-            per_user_limit=1,
-            hold_ttl_seconds=20,
             eligibility={"min_account_age_days": 30, "min_orders": 1},
         ),
         Scenario(
