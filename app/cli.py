@@ -28,7 +28,9 @@ log = logging.getLogger("stockhold")
 
 def _start_embedded(stack: ExitStack) -> None:
     """Starts an embedded server for each of REDIS_URL / DATABASE_URL left unset, and points the
-    variables at it so the API workers (separate processes) find them. Stopped when `stack` closes."""
+    variables at it so the API workers (separate processes) find them. Stopped when `stack` closes.
+    Sets STOCKHOLD_EMBEDDED when it started one: a local trial, where API keys are not required unless
+    STOCKHOLD_REQUIRE_AUTH says so."""
     settings = get_settings()
     data = settings.data_dir.resolve()
     redis_url, database_url = start_missing(stack, data, settings.redis_url, settings.database_url, persist_redis=True)
@@ -38,6 +40,8 @@ def _start_embedded(stack: ExitStack) -> None:
     if not settings.database_url:
         os.environ["DATABASE_URL"] = database_url
         typer.echo(f"embedded PostgreSQL: {database_url}")
+    if not settings.redis_url or not settings.database_url:
+        os.environ["STOCKHOLD_EMBEDDED"] = "true"
     get_settings.cache_clear()
 
 
@@ -56,6 +60,12 @@ def serve(
         # worker's lifespan applies them again, a no-op under the advisory lock.
         _migrate()
         typer.echo(f"stockhold on http://{host or settings.host}:{port or settings.port} (docs at /docs)")
+        if settings.auth_required:
+            typer.echo("API keys required (create one with `stockhold keys create`)")
+        else:
+            from app.api.auth import open_mode_notice
+
+            typer.secho(f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True)
         uvicorn.run(
             "app.main:create_app",
             factory=True,

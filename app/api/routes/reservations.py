@@ -8,14 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, ServiceDep, TenantDep
+from app.api.deps import CheckoutTenant, IdempotencyKeyHeader, IdempotencyStoreDep, ReaderTenant, ServiceDep
 from app.api.idempotent import run_idempotent
-from app.api.responses import json_response, problem_schema
+from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
 from app.stock.idempotency import IdempotencyStore
 from app.stock.schemas import Reservation, ReservationRequest
 from app.stock.service import StockService
 
-router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
+router = APIRouter(prefix="/v1/reservations", tags=["checkout"], responses=AUTH_RESPONSES)
 
 
 def _no_body() -> None:
@@ -61,7 +61,7 @@ async def create_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     return await reserve(service, store, tenant, body, idempotency_key, request.url.path)
@@ -99,7 +99,7 @@ async def reserve(
     summary="Read a reservation",
     responses={404: problem_schema("reservation_not_found")},
 )
-async def get_reservation(reservation_id: ReservationPath, service: ServiceDep, tenant: TenantDep) -> Response:
+async def get_reservation(reservation_id: ReservationPath, service: ServiceDep, tenant: ReaderTenant) -> Response:
     return json_response(await service.get_reservation(tenant, reservation_id))
 
 
@@ -118,7 +118,7 @@ async def confirm_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     return await _act(request, store, tenant, idempotency_key, reservation_id, service.confirm)
@@ -139,7 +139,7 @@ async def release_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     return await _act(request, store, tenant, idempotency_key, reservation_id, service.release)
