@@ -26,7 +26,7 @@ from app.auth.epoch import TRUST_MS, ack_value, redis_ms
 from app.auth.errors import Unauthenticated
 from app.auth.scopes import Principal
 from app.auth.store import KeyStore
-from app.auth.tokens import parse_key, secret_matches
+from app.auth.tokens import secret_matches, split_key
 from app.stock.errors import NotReady
 from app.stock.keys import KeySpace
 
@@ -79,13 +79,14 @@ class Authenticator:
     async def authenticate(self, token: str) -> Principal:
         """The principal of ``token`` (``shk_<id>_<secret>``); Unauthenticated when it is malformed,
         unknown, revoked or has the wrong secret; NotReady when PostgreSQL must be asked and cannot be."""
-        key = parse_key(token)
-        if key is None:
+        parts = split_key(token)
+        if parts is None:
             raise Unauthenticated(MALFORMED, error="invalid_token")
-        known = self._known.get(key.id) if self.trusts_cache() else None
+        key_id, secret = parts
+        known = self._known.get(key_id) if time.monotonic() - self._fresh_since <= _TRUST_S else None
         if known is None:
-            known = await self._lookup(key.id)
-        if known is None or not secret_matches(key.secret, known.secret_sha256):
+            known = await self._lookup(key_id)
+        if known is None or not secret_matches(secret, known.secret_sha256):
             raise Unauthenticated(INVALID, error="invalid_token")
         return known.principal
 

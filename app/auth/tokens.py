@@ -50,8 +50,15 @@ def new_key() -> ApiKey:
 
 def parse_key(token: str) -> ApiKey | None:
     """The key in ``token``, or None when it is not of the form ``shk_<id>_<secret>``."""
+    parts = split_key(token)
+    return ApiKey(*parts) if parts else None
+
+
+def split_key(token: str) -> tuple[str, str] | None:
+    """(id, secret) of ``token``, or None: parse_key without building an ApiKey (a frozen dataclass costs
+    a microsecond to build; this runs on every authenticated request)."""
     match = _TOKEN.fullmatch(token)
-    return ApiKey(match[1], match[2]) if match else None
+    return match.group(1, 2) if match else None  # type: ignore[return-value]
 
 
 def secret_digest(secret: str) -> bytes:
