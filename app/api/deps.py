@@ -3,7 +3,9 @@
 They are plain functions on purpose, for now: FastAPI runs them in its threadpool (40 threads), which
 happens to bound how many requests reach Redis at once. Made async (measured: no threadpool hop), a burst of
 2,000 in-process requests queued on the 128-connection pool past its 5 s timeout and ~10% got 503. Explicit
-admission control belongs with the hot-path work (issue 4) before these change.
+admission control belongs with the hot-path work (issue 4) before these change. The API key dependencies
+are the exception: async, since a key lookup awaits PostgreSQL on a miss; the service and store ones
+beside them still take the threadpool hop.
 """
 
 from __future__ import annotations
