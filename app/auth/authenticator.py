@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
-from app.auth.epoch import TRUST_MS, ack_value, redis_ms
+from app.auth.epoch import HEARTBEAT_MS, TRUST_MS, ack_value, redis_ms
 from app.auth.errors import Unauthenticated
 from app.auth.scopes import Principal
 from app.auth.store import KeyStore
@@ -40,6 +40,7 @@ NEGATIVE_CACHE_SIZE = 10_000
 # A key lookup that PostgreSQL has not answered in this time answers 503 not_ready (retry).
 LOOKUP_TIMEOUT_S = 2.0
 _TRUST_S = TRUST_MS / 1000
+_HEARTBEAT_S = HEARTBEAT_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +71,9 @@ class Authenticator:
         self._known: dict[str, _Known] = {}
         self._unknown: set[str] = set()
         self._generation = 0  # bumped whenever the cache is dropped
-        self._epoch: str | None = None
-        self._fresh_since = -math.inf  # monotonic start of the last successful refresh
+        self._epoch: str | None = None  # the epoch the cache reflects
+        self._acked_epoch: str | None = None
+        self._acked_since = -math.inf  # monotonic start of the last refresh that recorded its ack
         self._failing = False
 
     # -- requests -------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ class Authenticator:
         if parts is None:
             raise Unauthenticated(MALFORMED, error="invalid_token")
         key_id, secret = parts
-        known = self._known.get(key_id) if time.monotonic() - self._fresh_since <= _TRUST_S else None
+        known = self._known.get(key_id) if time.monotonic() - self._acked_since <= _TRUST_S else None
         if known is None:
             known = await self._lookup(key_id)
         if known is None or not secret_matches(secret, known.secret_sha256):
@@ -91,7 +93,7 @@ class Authenticator:
         return known.principal
 
     def trusts_cache(self) -> bool:
-        return time.monotonic() - self._fresh_since <= _TRUST_S
+        return time.monotonic() - self._acked_since <= _TRUST_S
 
     async def _lookup(self, key_id: str) -> _Known | None:
         trusted = self.trusts_cache()
@@ -126,17 +128,21 @@ class Authenticator:
         self._generation += 1
 
     async def refresh(self) -> None:
-        """Reads the epoch; drops the cache when it changed (or after a failing spell); acknowledges."""
+        """Reads the epoch; drops the cache when it changed (or after a failing spell, whatever may have
+        changed meanwhile); acknowledges at once after a change, and every HEARTBEAT_MS otherwise."""
         started = time.monotonic()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.auth_epoch())
             pipe.time()
             epoch, now = await pipe.execute()
-        if epoch != self._epoch or started - self._fresh_since > _TRUST_S:
+        untrusted = started - self._acked_since > _TRUST_S
+        if epoch != self._epoch or untrusted:
             self.drop_cache()
             self._epoch = epoch
-        await self.redis.hset(self.keys.auth_acks(), self.process, ack_value(int(epoch or 0), redis_ms(now)))
-        self._fresh_since = started
+        if epoch != self._acked_epoch or untrusted or started - self._acked_since >= _HEARTBEAT_S:
+            await self.redis.hset(self.keys.auth_acks(), self.process, ack_value(int(epoch or 0), redis_ms(now)))
+            self._acked_epoch = epoch
+            self._acked_since = started
 
     async def run(self, stop: asyncio.Event) -> None:
         """Refreshes every ``refresh_ms`` until ``stop``; then withdraws this process's ack."""

@@ -5,14 +5,15 @@ to bind every process the moment `stockhold keys revoke` returns:
 
 1. The writer commits the change to PostgreSQL, then bumps the epoch (``announce_change``: INCR).
 2. Every API process reads the epoch every STOCKHOLD_AUTH_REFRESH_MS (GET and TIME in one round trip).
-   When it changed, the process drops its key cache; then it records ``<epoch>:<Redis time ms>`` under
-   its id in the acks hash. Only once that write is done does the refresh count as a success.
-3. A process trusts its cache only while its last successful refresh started less than ``TRUST_MS``
-   ago; past that (Redis unreachable, event loop stalled) it looks every key up in PostgreSQL.
+   When it changed, the process drops its key cache, then records ``<epoch>:<Redis time ms>`` under its
+   id in the acks hash at once; otherwise it records it every ``HEARTBEAT_MS``.
+3. A process trusts its cache only while the last refresh that recorded its ack started less than
+   ``TRUST_MS`` ago; past that (Redis unreachable, event loop stalled) it looks every key up in
+   PostgreSQL.
 4. ``await_acknowledgements`` (the barrier `keys revoke` runs) polls the acks hash until every process
    has either applied the new epoch or been silent for over ``TRUST_MS``. A silent process cannot be
-   trusting its cache: its last successful refresh started before its last ack, so over ``TRUST_MS``
-   ago; and its next success reads the new epoch first. Both times are Redis's clock, so clock skew
+   trusting its cache: the refresh its trust rests on started before its last ack, so over ``TRUST_MS``
+   ago; and its next refresh reads the new epoch first. Both times are Redis's clock, so clock skew
    between machines does not matter.
 """
 
@@ -30,6 +31,9 @@ from app.stock.keys import KeySpace
 # never waits long for a process that cannot hear it; long enough that one slow Redis reply (a few
 # hundred ms under a flash sale's load) does not send every request to PostgreSQL.
 TRUST_MS = 1000
+# A live process records its ack at least this often, so it never looks silent (TRUST_MS) to a barrier.
+# Not on every read: 20 writes a second per process would go to Redis's AOF and replicas for nothing.
+HEARTBEAT_MS = 250
 # Acks of processes silent for this long are deleted by the next barrier: they stopped long ago.
 FORGET_AFTER_MS = 10 * 60_000
 # How long `keys revoke` waits for every process by default: a live process answers within its refresh

@@ -5,6 +5,7 @@ its refresh has read the epoch, and a process that cannot read the epoch stops t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -220,3 +221,28 @@ async def test_the_barrier_names_a_process_that_keeps_acknowledging_an_old_epoch
     assert result.laggards == ["stuck"]
     assert not result.complete
     assert result.elapsed_s >= 0.3
+
+
+async def test_a_quiet_process_records_its_ack_every_heartbeat_not_every_read(
+    redis: Redis, store: CountingStore
+) -> None:
+    # given a process reading the epoch every 20 ms, and no key changing
+    auth = authenticator(store, redis)
+    stop = asyncio.Event()
+    task = asyncio.create_task(auth.run(stop))
+    seen: list[str] = []
+    try:
+        # when its ack is watched for a second
+        for _ in range(100):
+            value = await redis.hget(KEYS.auth_acks(), "test-process")
+            if value is not None and (not seen or seen[-1] != value):
+                seen.append(value)
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await task
+
+    # then it wrote about four times (250 ms apart), never leaving a gap a barrier would take for silence
+    times = [int(v.split(":")[1]) for v in seen]
+    assert 3 <= len(times) <= 6, seen
+    assert max(b - a for a, b in itertools.pairwise(times)) < TRUST_MS
