@@ -1,4 +1,4 @@
-"""The `stockhold` command (typer): serve, migrate, worker, rebuild, reconcile, status."""
+"""The `stockhold` command (typer): serve, migrate, worker, rebuild, reconcile, status, keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import typer
@@ -19,16 +20,24 @@ if TYPE_CHECKING:
 
     from app.stock.keys import KeySpace
 
+from app.auth.scopes import Scope
 from app.config import Settings, get_settings
 from app.store.embedded import start_missing
 
 app = typer.Typer(help="stockhold: stock reservations that never oversell.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="API keys: create (the key is shown once), list, revoke (binds every API process before it returns).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
 log = logging.getLogger("stockhold")
 
 
 def _start_embedded(stack: ExitStack) -> None:
     """Starts an embedded server for each of REDIS_URL / DATABASE_URL left unset, and points the
-    variables at it so the API workers (separate processes) find them. Stopped when `stack` closes."""
+    variables at it so the API workers (separate processes) find them. Stopped when `stack` closes.
+    Sets STOCKHOLD_EMBEDDED when it started one: a local trial, where API keys are not required unless
+    STOCKHOLD_REQUIRE_AUTH says so."""
     settings = get_settings()
     data = settings.data_dir.resolve()
     redis_url, database_url = start_missing(stack, data, settings.redis_url, settings.database_url, persist_redis=True)
@@ -38,6 +47,8 @@ def _start_embedded(stack: ExitStack) -> None:
     if not settings.database_url:
         os.environ["DATABASE_URL"] = database_url
         typer.echo(f"embedded PostgreSQL: {database_url}")
+    if not settings.redis_url or not settings.database_url:
+        os.environ["STOCKHOLD_EMBEDDED"] = "true"
     get_settings.cache_clear()
 
 
@@ -56,6 +67,12 @@ def serve(
         # worker's lifespan applies them again, a no-op under the advisory lock.
         _migrate()
         typer.echo(f"stockhold on http://{host or settings.host}:{port or settings.port} (docs at /docs)")
+        if settings.auth_required:
+            typer.echo("API keys required (create one with `stockhold keys create`)")
+        else:
+            from app.api.auth import open_mode_notice
+
+            typer.secho(f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True)
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -265,6 +282,140 @@ def status() -> None:
         f"total: {waiting} events not yet in PostgreSQL, oldest {oldest:.3f}s; shards not ready: "
         f"{[r.shard for r in rows if not r.ready] or 'none'}"
     )
+
+
+# Exit code of `keys revoke` when the key is revoked in PostgreSQL but not every API process confirmed it
+# (1 is an unknown id, 2 a usage error).
+EXIT_NOT_CONFIRMED = 3
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., help="Tenant the key acts for (created if new): 1-64 of A-Z a-z 0-9 . _ -"),
+    scope: Scope = typer.Option(..., help="admin: catalogue and stock; checkout: reservations; read: reading"),
+    name: str = typer.Option(None, help="A note for `keys list`, e.g. who holds the key"),
+) -> None:
+    """Create an API key for a tenant, with one scope; the key is shown once.
+
+    It is printed alone on stdout (KEY=$(stockhold keys create ...) works), the rest on stderr. Only its
+    SHA-256 is kept, so it cannot be shown again."""
+    from redis.exceptions import RedisError
+
+    from app.auth.epoch import announce_change
+    from app.auth.store import KeyRecord, KeyStore, validate_tenant
+    from app.auth.tokens import ApiKey
+
+    try:
+        validate_tenant(tenant)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tenant") from exc
+
+    async def body(s: _Stores) -> tuple[KeyRecord, ApiKey]:
+        made = await KeyStore(s.pg).create(tenant, scope, name)
+        try:
+            # API processes cache unknown ids too: the bump makes them forget any they had for this one
+            await announce_change(s.redis, s.keys)
+        except RedisError as exc:
+            typer.echo(f"note: could not bump the key epoch in Redis ({exc!r}); harmless for a new key", err=True)
+        return made
+
+    record, key = _run(body)
+    typer.echo(key.token)
+    typer.echo(
+        f"created API key {record.id} for tenant {record.tenant!r}, scope {record.scope}"
+        + (f", name {record.name!r}" if record.name else "")
+        + ".\nStore it now: it is shown only this once (only its SHA-256 is kept). "
+        + "Send it as `Authorization: Bearer <key>`.",
+        err=True,
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: str = typer.Option(None, help="Only this tenant's keys"),
+    all_: bool = typer.Option(False, "--all", help="Include revoked keys"),
+) -> None:
+    """List API keys: id, tenant, scope, name, when created and revoked. Never a secret (none is kept)."""
+    from app.auth.store import KeyRecord, KeyStore
+
+    async def body(s: _Stores) -> list[KeyRecord]:
+        return await KeyStore(s.pg).list_keys(tenant, include_revoked=all_)
+
+    records = _run(body)
+    if not records:
+        whose = f" for tenant {tenant!r}" if tenant else ""
+        typer.echo(f"no API keys{whose}" + ("" if all_ else " (live ones; --all shows revoked ones too)"))
+        return
+
+    def when(at: datetime | None) -> str:
+        return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if at else "-"
+
+    rows = [("id", "tenant", "scope", "name", "created", "revoked")]
+    rows += [(r.id, r.tenant, r.scope.value, r.name or "-", when(r.created_at), when(r.revoked_at)) for r in records]
+    typer.echo(_table(rows, right=False))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., metavar="ID", help="The key's id, as `keys list` shows it"),
+    timeout: float = typer.Option(5.0, min=0.1, help="Seconds to wait for every API process to confirm"),
+) -> None:
+    """Revoke an API key; once this returns, no API process accepts it.
+
+    Idempotent. After the change is in PostgreSQL it waits until every running API process has dropped
+    the key from its cache. Exit 1: no such key; 3: revoked, but not every process confirmed within the
+    timeout (they are named)."""
+    from redis.exceptions import RedisError
+
+    from app.auth.epoch import TRUST_MS, BarrierResult, announce_change, await_acknowledgements
+    from app.auth.errors import UnknownKey
+    from app.auth.store import KeyRecord, KeyStore
+
+    async def body(s: _Stores) -> tuple[KeyRecord, BarrierResult | RedisError]:
+        record = await KeyStore(s.pg).revoke(key_id)
+        try:
+            announced = await announce_change(s.redis, s.keys)
+            return record, await await_acknowledgements(s.redis, s.keys, announced.epoch, timeout)
+        except RedisError as exc:
+            return record, exc
+
+    try:
+        record, barrier = _run(body)
+    except UnknownKey as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    typer.echo(f"revoked API key {record.id} (tenant {record.tenant!r}, scope {record.scope}) in PostgreSQL")
+    if isinstance(barrier, RedisError):
+        typer.secho(
+            f"WARNING: Redis did not answer ({barrier!r}): API processes that can read Redis may accept the key "
+            f"from their caches until the key epoch moves; those that cannot stop trusting their caches within "
+            f"{TRUST_MS} ms. Run `stockhold keys revoke {record.id}` again once Redis answers.",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(code=EXIT_NOT_CONFIRMED)
+    typer.echo(
+        f"every API process refuses it: {len(barrier.acknowledged)} acknowledged in {barrier.elapsed_s * 1000:.0f} ms"
+        if barrier.complete
+        else f"{len(barrier.acknowledged)} API process(es) acknowledged in {barrier.elapsed_s * 1000:.0f} ms"
+    )
+    if barrier.silent:
+        typer.echo(
+            f"{len(barrier.silent)} process(es) silent for over {TRUST_MS} ms (stopped, or cut off from Redis: "
+            f"not trusting their caches): {_names(barrier.silent)}"
+        )
+    if not barrier.complete:
+        typer.secho(
+            f"WARNING: not confirmed within {timeout:g} s by {_names(barrier.laggards)}: they may still accept "
+            "the key (a process reading Redis should confirm within 50 ms; is it an older release?)",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(code=EXIT_NOT_CONFIRMED)
+
+
+def _names(processes: list[str], most: int = 5) -> str:
+    return ", ".join(processes[:most]) + (f" and {len(processes) - most} more" if len(processes) > most else "")
 
 
 if __name__ == "__main__":

@@ -83,8 +83,27 @@ class Settings(BaseSettings):
     # in it came from the client and may be forged. Unset: the TCP peer's address.
     client_ip_header: str | None = Field(default=None, validation_alias="STOCKHOLD_CLIENT_IP_HEADER")
 
-    # Tenant used until API keys arrive: every key and event already carries a tenant.
+    # The tenant an unauthenticated request acts for when the service runs open (see require_auth). Every
+    # Redis key, event and reservation carries a tenant; with keys required, the key names it.
     default_tenant: str = Field(default="default", validation_alias="STOCKHOLD_TENANT")
+
+    # Whether every /v1 call must present an API key. Unset: required, unless `stockhold serve` started
+    # its own embedded servers (a local trial, `make run`), which runs open so the README's curl lines work
+    # with no key, and says so loudly. Pointing at real servers therefore means keys are required unless
+    # someone writes `false` on purpose: a deployment is never open by accident.
+    require_auth: bool | None = Field(default=None, validation_alias="STOCKHOLD_REQUIRE_AUTH")
+    # Set by `stockhold serve` for its API processes when it started an embedded Redis or PostgreSQL; only
+    # read to resolve require_auth. Not meant to be set by hand.
+    embedded: bool = Field(default=False, validation_alias="STOCKHOLD_EMBEDDED")
+    # How often each API process reads the API key epoch (app/auth/epoch.py), i.e. how soon a revocation
+    # binds it; `keys revoke` waits for every process to catch up. 50 ms costs two tiny Redis commands
+    # per process 20 times a second. At most 500 ms: a process stops trusting its key cache when the epoch
+    # has not been read for 1 s, so the period must leave room for a slow reply or two.
+    auth_refresh_ms: int = Field(default=50, ge=5, le=500, validation_alias="STOCKHOLD_AUTH_REFRESH_MS")
+
+    @property
+    def auth_required(self) -> bool:
+        return self.require_auth if self.require_auth is not None else not self.embedded
 
 
 @lru_cache(maxsize=1)

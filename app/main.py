@@ -1,8 +1,9 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
 scripts, rebuilds any shard that lost its data (recovery before serving), and starts the expiry sweeper,
-the readiness watch, the sold-out fast path's refresh (and, unless STOCKHOLD_WORKER_IN_PROCESS=false, the
-write-behind worker); routes stay thin and translate domain errors to problem+json. The per-IP rate limit
-stands in front of everything under /v1 (app/api/client_limits.py), the reserve hot path included."""
+the readiness watch, the API key epoch refresh, the sold-out fast path's refresh (and, unless
+STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker); routes stay thin and translate domain errors to
+problem+json. The per-IP rate limit stands in front of everything under /v1 (app/api/client_limits.py), the
+reserve hot path included."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from app.api.auth import open_mode_notice, open_principal
 from app.api.body_guard import BodyGuard
 from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
 from app.api.problems import install_problem_handlers
 from app.api.routes import metrics, ops, reservations, skus
+from app.auth.authenticator import Authenticator
+from app.auth.store import KeyStore
 from app.config import Settings, get_settings
 from app.recovery.rebuild import Rebuilder
 from app.recovery.watch import ReadinessWatch
@@ -78,11 +82,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             per_ip=bucket(settings.ip_rate_per_second, settings.ip_burst),
         )
         app.state.sweeper, app.state.watch = sweeper, watch
+        authenticator = Authenticator(KeyStore(pg), redis, keys, settings.auth_refresh_ms)
+        app.state.authenticator = authenticator
+        if not settings.auth_required:
+            log.warning("API keys NOT required: %s", open_mode_notice(settings))
         await watch.check_once()  # recovery before serving: rebuild what Redis lost (when automatic)
         freeze_startup_heap()  # after everything start-up allocates: see app/runtime.py
         tasks = [
             asyncio.create_task(sweeper.run(stop), name="expiry-sweeper"),
             asyncio.create_task(watch.run(stop), name="readiness-watch"),
+            asyncio.create_task(authenticator.run(stop), name="api-key-epoch"),
         ]
         app.state.sweeper_task = tasks[0]
         if sold_out is not None:
@@ -124,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.open_principal = open_principal(settings)
     app.state.sweeper_task = None
     install_problem_handlers(app)
     app.include_router(skus.router)

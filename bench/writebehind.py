@@ -221,6 +221,7 @@ async def main() -> None:
         ws = workspace(stack)
         work, redis_url, database_url = ws.work, ws.redis_url, ws.database_url
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "STOCKHOLD_SHARDS": str(SHARDS)}
+        env["STOCKHOLD_REQUIRE_AUTH"] = "false"  # wrk sends no key
         print(f"servers: {redis_url} and PostgreSQL at {database_url.split('@')[-1]}", flush=True)
 
         keys = KeySpace(SHARDS)

@@ -55,6 +55,7 @@ def started_service(log_path: Path, workers: int = 2) -> Iterator[Service]:
             stack.callback(shutil.rmtree, data, ignore_errors=True)
             redis_url, database_url = start_missing(stack, data, redis_url, database_url)
         env.update(REDIS_URL=redis_url, DATABASE_URL=database_url)
+        env["STOCKHOLD_REQUIRE_AUTH"] = "false"  # the Locust users send no API key
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -77,6 +77,8 @@ def settings(servers: Servers) -> Settings:
         DATABASE_URL=servers.database_url,
         STOCKHOLD_SHARDS=SHARDS,
         STOCKHOLD_SWEEP_INTERVAL_MS=100,
+        # The suite predates API keys and acts as the default tenant; tests/api/test_auth.py requires keys.
+        STOCKHOLD_REQUIRE_AUTH=False,
     )
 
 

@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.auth.errors import AuthError, Forbidden, Unauthenticated
 from app.stock import errors
 
 PROBLEM_JSON = "application/problem+json"
@@ -69,6 +70,19 @@ def from_stock_error(exc: errors.StockError, instance: str | None = None) -> Res
     return response
 
 
+def from_auth_error(exc: AuthError, instance: str | None = None) -> Response:
+    """401 unauthenticated or 403 forbidden, with the Bearer challenge of RFC 6750."""
+    status = 403 if isinstance(exc, Forbidden) else 401
+    response = problem(status, exc.code, exc.title, exc.detail, instance, **exc.extra)
+    challenge = 'Bearer realm="stockhold"'
+    if isinstance(exc, Unauthenticated) and exc.error:
+        challenge += f', error="{exc.error}"'
+    elif isinstance(exc, Forbidden):
+        challenge += f', error="insufficient_scope", scope="{" ".join(exc.extra.get("needed_scopes", []))}"'
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
 def store_unavailable(exc: Exception, instance: str | None = None) -> Response:
     """Redis unreachable or too slow: 503 not_ready, worth retrying soon."""
     log.warning("Redis unavailable: %r", exc)
@@ -92,6 +106,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.StockError)
     async def _stock_error(request: Request, exc: errors.StockError) -> Response:
         return from_stock_error(exc, request.url.path)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(request: Request, exc: AuthError) -> Response:
+        return from_auth_error(exc, request.url.path)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

@@ -39,3 +39,10 @@ def problem_schema(description: str) -> dict[str, Any]:
             }
         },
     }
+
+
+# Every /v1 route's answers to a request whose key is missing or refused, or lacks the scope.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: problem_schema("unauthenticated: no API key, or a malformed, unknown or revoked one"),
+    403: problem_schema("forbidden: the key's scope does not allow this call"),
+}

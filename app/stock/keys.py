@@ -20,6 +20,13 @@ Layout (``s`` = shard number)::
     sh:{s}:ready                  STRING the shard was rebuilt from PostgreSQL (when, JSON); stock scripts refuse
                                          to run without it, so an emptied Redis never sells from nothing
     sh:{s}:rebuilding             STRING lock held by the process rebuilding the shard
+
+Not per shard (one hash tag of their own, so each is one slot on a cluster too)::
+
+    sh:{auth}:epoch               STRING bumped (INCR) whenever an API key is created or revoked: each API
+                                         process drops its key cache when it sees it change (app/auth/)
+    sh:{auth}:acks                HASH   API process id -> "<epoch it has applied>:<Redis time in ms>";
+                                         `keys revoke` waits on it until every live process dropped the key
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import zlib
 from dataclasses import dataclass
 
 PREFIX = "sh"
+AUTH_TAG = "auth"  # the hash tag of the API keys' epoch and acknowledgements: never a shard number
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,14 @@ class KeySpace:
 
     def rebuild_lock(self, shard: int) -> str:
         return f"{self._tag(shard)}:rebuilding"
+
+    @staticmethod
+    def auth_epoch() -> str:
+        return f"{PREFIX}:{{{AUTH_TAG}}}:epoch"
+
+    @staticmethod
+    def auth_acks() -> str:
+        return f"{PREFIX}:{{{AUTH_TAG}}}:acks"
 
     def shard_pattern(self, shard: int) -> str:
         """A SCAN pattern for every key of one shard (braces are literal in Redis glob patterns)."""

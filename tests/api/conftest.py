@@ -19,6 +19,7 @@ def server(servers: Servers, redis: object, tmp_path: Path) -> Iterator[str]:  #
         "REDIS_URL": servers.redis_url,
         "DATABASE_URL": servers.database_url,
         "STOCKHOLD_SHARDS": "16",
+        "STOCKHOLD_REQUIRE_AUTH": "false",  # the README walk-through and these tests send no key
     }
     with stockhold_serve(env, tmp_path / "server.log") as base:
         yield base

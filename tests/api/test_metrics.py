@@ -77,6 +77,7 @@ async def bare_client(servers: Servers, redis: Redis, pg: asyncpg.Pool) -> Async
         STOCKHOLD_SHARDS=SHARDS,
         STOCKHOLD_AUTO_REBUILD=False,
         STOCKHOLD_WORKER_IN_PROCESS=False,
+        STOCKHOLD_REQUIRE_AUTH=False,
     )
     assert (settings.auto_rebuild, settings.worker_in_process) == (False, False)
     application = create_app(settings)

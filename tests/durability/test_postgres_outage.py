@@ -60,6 +60,7 @@ def stack(servers: Servers, redis: Redis, tmp_path: Path) -> Iterator[Stack]:  #
             "REDIS_URL": servers.redis_url,
             "DATABASE_URL": postgres.url,
             "STOCKHOLD_SHARDS": "16",
+            "STOCKHOLD_REQUIRE_AUTH": "false",
         }
         log_path = tmp_path / "server.log"
         with stockhold_serve(env, log_path) as base:

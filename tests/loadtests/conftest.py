@@ -21,6 +21,7 @@ def service_env(servers: Servers) -> dict[str, str]:
     """The environment `stockhold serve` and the runner get: the suite's servers, nothing of a run's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STOCKHOLD_LOADTEST")}
     env.update(REDIS_URL=servers.redis_url, DATABASE_URL=servers.database_url, STOCKHOLD_SHARDS=str(SHARDS))
+    env["STOCKHOLD_REQUIRE_AUTH"] = "false"  # the scenarios send no key
     return env
 
 

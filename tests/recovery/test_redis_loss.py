@@ -123,6 +123,7 @@ def server_env(servers: Servers, redis_url: str, auto_rebuild: bool) -> dict[str
         "DATABASE_URL": servers.database_url,
         "STOCKHOLD_SHARDS": "16",
         "STOCKHOLD_AUTO_REBUILD": "true" if auto_rebuild else "false",
+        "STOCKHOLD_REQUIRE_AUTH": "false",  # these buyers send no key
     }
 
 

@@ -8,6 +8,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from app.api.auth import open_mode_notice
 from app.api.problems import problem
 
 router = APIRouter(tags=["operations"])
@@ -19,7 +20,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis and PostgreSQL answer, every shard is rebuilt, the sweeper runs")
+@router.get(
+    "/readyz",
+    summary="Redis and PostgreSQL answer, every shard is rebuilt, the sweeper runs; says whether API keys are required",
+)
 async def readyz(request: Request) -> Response:
     state = request.app.state
     checks: dict[str, str] = {}
@@ -40,7 +44,11 @@ async def readyz(request: Request) -> Response:
         except Exception as exc:
             checks["rebuilt"] = f"failed: {type(exc).__name__}"
     checks["sweeper"] = "ok" if state.sweeper_task is not None and not state.sweeper_task.done() else "stopped"
+    # Not a check (an open service is ready): said on every probe so that nobody misses it.
+    auth = "required" if state.settings.auth_required else open_mode_notice(state.settings)
     if all(v == "ok" for v in checks.values()):
-        return Response(orjson.dumps({"status": "ready", "checks": checks}), media_type="application/json")
+        body = {"status": "ready", "checks": checks, "auth": auth}
+        return Response(orjson.dumps(body), media_type="application/json")
     failing = ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok")
-    return problem(503, "not_ready", "Service not ready", f"not ready: {failing}", request.url.path, checks=checks)
+    detail = f"not ready: {failing}"
+    return problem(503, "not_ready", "Service not ready", detail, request.url.path, checks=checks, auth=auth)

@@ -8,15 +8,22 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from app.api.deps import IdempotencyKeyHeader, IdempotencyStoreDep, RateLimiterDep, ServiceDep, TenantDep
+from app.api.deps import (
+    CheckoutTenant,
+    IdempotencyKeyHeader,
+    IdempotencyStoreDep,
+    RateLimiterDep,
+    ReaderTenant,
+    ServiceDep,
+)
 from app.api.idempotent import run_idempotent
-from app.api.responses import json_response, problem_schema
+from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
 from app.stock.idempotency import IdempotencyStore
 from app.stock.rate_limits import RateLimiter
 from app.stock.schemas import Reservation, ReservationRequest
 from app.stock.service import StockService
 
-router = APIRouter(prefix="/v1/reservations", tags=["checkout"])
+router = APIRouter(prefix="/v1/reservations", tags=["checkout"], responses=AUTH_RESPONSES)
 
 
 def _no_body() -> None:
@@ -66,7 +73,7 @@ async def create_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     limiter: RateLimiterDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -110,7 +117,7 @@ async def reserve(
     summary="Read a reservation",
     responses={404: problem_schema("reservation_not_found")},
 )
-async def get_reservation(reservation_id: ReservationPath, service: ServiceDep, tenant: TenantDep) -> Response:
+async def get_reservation(reservation_id: ReservationPath, service: ServiceDep, tenant: ReaderTenant) -> Response:
     return json_response(await service.get_reservation(tenant, reservation_id))
 
 
@@ -129,7 +136,7 @@ async def confirm_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     return await _act(request, store, tenant, idempotency_key, reservation_id, service.confirm)
@@ -150,7 +157,7 @@ async def release_reservation(
     request: Request,
     service: ServiceDep,
     store: IdempotencyStoreDep,
-    tenant: TenantDep,
+    tenant: CheckoutTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     return await _act(request, store, tenant, idempotency_key, reservation_id, service.release)

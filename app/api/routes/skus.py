@@ -1,4 +1,4 @@
-"""Catalogue routes (admin scope): create/update a SKU, adjust its stock, read its state."""
+"""Catalogue routes: create/update a SKU and adjust its stock (admin scope), read its state (any scope)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from app.api.deps import IdempotencyKeyHeader, ServiceDep, TenantDep
-from app.api.responses import json_response, problem_schema
+from app.api.deps import CatalogueTenant, IdempotencyKeyHeader, ReaderTenant, ServiceDep
+from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
 from app.stock.idempotency import IdempotencyRequest, fingerprint
 from app.stock.schemas import SKU_PATTERN, Adjustment, SkuSettings, SkuState
 
-router = APIRouter(prefix="/v1/skus", tags=["catalogue"])
+router = APIRouter(prefix="/v1/skus", tags=["catalogue"], responses=AUTH_RESPONSES)
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="SKU id: 1-64 of A-Z a-z 0-9 . _ -")]
 
 
@@ -38,7 +38,7 @@ async def put_sku(
     body: SkuSettings,
     request: Request,
     service: ServiceDep,
-    tenant: TenantDep,
+    tenant: CatalogueTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     state, created = await service.put_sku(tenant, sku, body, _idempotency(idempotency_key, request, body))
@@ -60,7 +60,7 @@ async def adjust_stock(
     body: Adjustment,
     request: Request,
     service: ServiceDep,
-    tenant: TenantDep,
+    tenant: CatalogueTenant,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     state = await service.adjust(tenant, sku, body, _idempotency(idempotency_key, request, body))
@@ -73,5 +73,5 @@ async def adjust_stock(
     summary="Read a SKU's stock",
     responses={404: problem_schema("sku_not_found")},
 )
-async def get_sku(sku: SkuPath, service: ServiceDep, tenant: TenantDep) -> Response:
+async def get_sku(sku: SkuPath, service: ServiceDep, tenant: ReaderTenant) -> Response:
     return json_response(await service.get_sku(tenant, sku))
