@@ -33,7 +33,7 @@ from app.config import Settings
 from app.main import create_app
 from app.stock.keys import KeySpace
 from app.stock.reservation_ids import home_shard_of
-from tests.conftest import SHARDS, Servers
+from tests.conftest import SHARDS
 from tests.helpers import snapshot
 
 A, B = "tenant-a", "tenant-b"
@@ -57,20 +57,14 @@ class World:
 
 
 @pytest_asyncio.fixture
-async def world(servers: Servers, redis: Redis, pg_pool: asyncpg.Pool) -> AsyncIterator[World]:
+async def world(settings: Settings, redis: Redis, pg_pool: asyncpg.Pool) -> AsyncIterator[World]:
     """The app with keys required; tenants A and B each with a SKU (10 units) and a held reservation."""
     await pg_pool.execute("TRUNCATE api_key, tenant")
     store = KeyStore(pg_pool)
     keys = {(t, s): (await store.create(t, s, f"{t} {s}"))[1] for t in (A, B) for s in Scope}
     revoked_record, revoked = await store.create(A, Scope.ADMIN, "revoked")
     await store.revoke(revoked_record.id)
-    settings = Settings(
-        REDIS_URL=servers.redis_url,
-        DATABASE_URL=servers.database_url,
-        STOCKHOLD_SHARDS=SHARDS,
-        STOCKHOLD_REQUIRE_AUTH=True,
-    )
-    application = create_app(settings)
+    application = create_app(settings.model_copy(update={"require_auth": True}))
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
         async with httpx.AsyncClient(transport=transport, base_url="http://stockhold.test") as client:

@@ -16,7 +16,7 @@ from app.auth.store import KeyStore
 from app.config import Settings
 from app.main import create_app
 from app.stock.keys import KeySpace
-from tests.conftest import SHARDS, TENANT, Servers
+from tests.conftest import SHARDS, TENANT
 
 KEYS = KeySpace(SHARDS)
 OPEN_NOTICE = "open: unauthenticated requests act as tenant 'default' with every scope; set STOCKHOLD_REQUIRE_AUTH=true"
@@ -87,17 +87,11 @@ async def test_readyz_says_the_service_is_open_and_stays_ready(client: httpx.Asy
 
 
 async def test_open_mode_is_a_warning_at_start_and_required_mode_is_not(
-    servers: Servers, redis: Redis, caplog: pytest.LogCaptureFixture
+    settings: Settings, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     for require_auth in (False, True):
         caplog.clear()
-        settings = Settings(
-            REDIS_URL=servers.redis_url,
-            DATABASE_URL=servers.database_url,
-            STOCKHOLD_SHARDS=SHARDS,
-            STOCKHOLD_REQUIRE_AUTH=require_auth,
-        )
-        application = create_app(settings)
+        application = create_app(settings.model_copy(update={"require_auth": require_auth}))
         with caplog.at_level(logging.WARNING, logger="stockhold"):
             async with application.router.lifespan_context(application):
                 transport = httpx.ASGITransport(app=application)
