@@ -58,7 +58,8 @@ ReservationPath = Annotated[
     response_model=Reservation,
     summary="Reserve stock, all-or-nothing",
     responses={
-        403: problem_schema("not_eligible (names the eligibility rule the buyer fails)"),
+        # replaces the router's 403 in the OpenAPI document, so it names both
+        403: problem_schema("forbidden (the key's scope) / not_eligible (names the eligibility rule the buyer fails)"),
         404: problem_schema("sku_not_found"),
         409: problem_schema(
             "insufficient_stock (with per-item available) / limit_exceeded (rule per_user_limit or max_per_order)"
