@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     # instead of an answer. uvicorn's own default is 5 s, exactly that race; 75 s is nginx's default.
     keep_alive_seconds: int = Field(default=75, ge=1, le=3600, validation_alias="STOCKHOLD_KEEP_ALIVE_SECONDS")
 
-    # The sold-out fast path (app/stock/sold_out.py): how often each process re-reads the SKUs it knows are
-    # sold out. A SKU whose stock returns is sold again within about this plus a round trip; 50 ms keeps
-    # that well inside 100 ms for one small pipelined read per interval. 0 turns the fast path off.
+    # The sold-out fast path (app/stock/sold_out.py): the longest a process goes without re-reading the SKUs
+    # it knows are sold out. It re-reads them as soon as an event lands on their shard's stream (a few ms);
+    # this is the backstop, well inside the 100 ms the issue allows. 0 turns the fast path off.
     sold_out_refresh_ms: int = Field(default=50, ge=0, le=80, validation_alias="STOCKHOLD_SOLD_OUT_REFRESH_MS")
 
     # Rate limits (token buckets in Redis, shared by every process): requests per second and burst size,

@@ -22,7 +22,7 @@ from app.api.body_guard import BodyGuard
 from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
 from app.api.problems import install_problem_handlers
-from app.api.routes import metrics, ops, reservations, skus
+from app.api.routes import listings, metrics, ops, reservations, skus
 from app.auth.authenticator import Authenticator
 from app.auth.store import KeyStore
 from app.config import Settings, get_settings
@@ -31,6 +31,7 @@ from app.recovery.watch import ReadinessWatch
 from app.runtime import freeze_startup_heap
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
+from app.stock.listings import ListingCatalogue
 from app.stock.rate_limits import RateLimiter, bucket
 from app.stock.service import StockService
 from app.stock.sold_out import SoldOutBook
@@ -73,7 +74,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             PostgresLedger(pg),
             idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
             sold_out=sold_out,
+            listings=ListingCatalogue(redis, pg, keys),
         )
+        app.state.listings = app.state.service.listings
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.rate_limiter = RateLimiter(
             scripts,
@@ -137,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sweeper_task = None
     install_problem_handlers(app)
     app.include_router(skus.router)
+    app.include_router(listings.router)
     app.include_router(reservations.router)
     app.include_router(ops.router)
     app.include_router(metrics.router)

@@ -33,7 +33,7 @@ from tests.helpers import mark_ready
 
 TENANT = "default"
 SHARDS = 16
-STATE_TABLES = ("stock_movement", "sku", "reservation", "reservation_line", "worker_progress")
+STATE_TABLES = ("stock_movement", "sku", "reservation", "reservation_line", "worker_progress", "listing")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.SkuNotFound: 404,
     errors.ReservationNotFound: 404,
+    errors.ListingNotFound: 404,
     errors.InsufficientStock: 409,
     errors.LimitExceeded: 409,
     errors.NotEligible: 403,

@@ -29,6 +29,7 @@ SkuKey = tuple[str, str]  # (tenant, sku)
 LOAD_SKUS = """
 SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit, policy FROM sku
 """
+LOAD_LISTINGS = "SELECT tenant, listing, components::text AS components FROM listing"
 LOAD_LINES = """
 SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, status_before, confirmed_how,
        expires_at_ms, created_at_ms, event_ms, event_seq
@@ -97,6 +98,7 @@ class ShardImage:
     parts: list[PartImage] = field(default_factory=list)
     users: dict[SkuKey, dict[str, int]] = field(default_factory=dict)
     raised: dict[SkuKey, int] = field(default_factory=dict)  # on_hand raised to cover sales (see below)
+    listings: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, listing) -> components JSON
 
     def expiry(self) -> dict[str, int]:
         return {p.reservation_id: p.deadline for p in self.parts if p.status in ("held", "pending") and p.deadline > 0}
@@ -114,6 +116,7 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
     images = {s: ShardImage(s) for s in wanted}
     async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         sku_rows = await conn.fetch(LOAD_SKUS)
+        listing_rows = await conn.fetch(LOAD_LISTINGS)
         line_rows = await conn.fetch(LOAD_LINES)
         by_part: dict[tuple[str, int], list[asyncpg.Record]] = {}
         lines_of: dict[str, list[asyncpg.Record]] = {}
@@ -136,6 +139,12 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
                 row["per_user_limit"] or 0,
                 _policy(row["policy"]),
             )
+    for row in listing_rows:
+        shard = keys.shard_of(row["tenant"], row["listing"])
+        if shard in wanted:
+            # compact, as app/stock/listings.py writes it (jsonb's text form has spaces)
+            components = orjson.dumps(orjson.loads(row["components"])).decode()
+            images[shard].listings[(row["tenant"], row["listing"])] = components
     for (rid, shard), rows in by_part.items():
         if shard not in wanted:
             continue

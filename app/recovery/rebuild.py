@@ -132,6 +132,8 @@ class Rebuilder:
             commands.append(("hset", (k.user_counts(shard, tenant, sku_name), users)))
         for part in image.parts:
             commands.append(("hset", (k.reservation(shard, part.reservation_id), _part_fields(part))))
+        for (tenant, listing), components in image.listings.items():
+            commands.append(("set", (k.listing(shard, tenant, listing), components)))
         expiry = image.expiry()
         if expiry:
             commands.append(("zadd", (k.expiry(shard), expiry)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import Redis
 
-from app.recovery.image import SkuImage, load_images
+from app.recovery.image import ShardImage, SkuImage, load_images
 from app.recovery.rebuild import Rebuilder
 from app.stock.keys import KeySpace
 from app.stock.policy import POLICY_FIELDS
@@ -112,4 +112,24 @@ async def compare(redis: Redis, pg: asyncpg.Pool, keys: KeySpace, rounds: int = 
                 ]
         if not changed:
             break
+    drift += await _listing_drift(redis, keys, shards, images)
     return sorted(drift, key=lambda d: (d.shard, d.tenant, d.sku, d.field))
+
+
+async def _listing_drift(redis: Redis, keys: KeySpace, shards: list[int], images: dict[int, ShardImage]) -> list[Drift]:
+    """Listings (field "components", the listing's id in `sku`): Redis's copy against PostgreSQL's. They
+    are not events, so there is no stream position to wait for: a PUT writes PostgreSQL, then Redis."""
+    drift: list[Drift] = []
+    for shard in shards:
+        prefix = keys.listing(shard, "", "")[: -len(":")]
+        names = [k async for k in redis.scan_iter(match=keys.listing(shard, "*", "*"), count=1000)]
+        values = await redis.mget(names) if names else []
+        live = {}
+        for name, value in zip(names, values, strict=True):
+            tenant, _, listing = name[len(prefix) :].partition(":")
+            live[(tenant, listing)] = str(value)
+        want = images[shard].listings
+        for key in sorted(set(live) | set(want)):
+            if live.get(key) != want.get(key):
+                drift.append(Drift(shard, key[0], key[1], "components", live.get(key, "-"), want.get(key, "-")))
+    return drift

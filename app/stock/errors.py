@@ -80,6 +80,11 @@ class StockConflict(StockError):
     title = "Stock conflict"
 
 
+class ListingNotFound(StockError):
+    code = "listing_not_found"
+    title = "Listing not found"
+
+
 class ReservationNotFound(StockError):
     code = "reservation_not_found"
     title = "Reservation not found"
@@ -108,6 +113,13 @@ class ReservationBusy(StockError):
 class NotReady(StockError):
     code = "not_ready"
     title = "Service not ready"
+
+    @classmethod
+    def for_shard(cls, shard: int) -> NotReady:
+        return cls(
+            f"shard {shard} of the stock store lost its data and awaits a rebuild from PostgreSQL; retry shortly",
+            shard=shard,
+        )
 
 
 class LedgerUnavailable(StockError):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from app.stock.policy import Buyer, Eligibility, HoldCooldown, Policy
 
@@ -73,9 +73,21 @@ class ReservationItem(_Strict):
     quantity: int = Field(ge=1, le=1000)
 
 
+class ListingItem(_Strict):
+    """A reservation line naming a storefront listing: every component of the listing, `quantity` times."""
+
+    listing: SkuId
+    quantity: int = Field(ge=1, le=1000)
+
+
 class ReservationRequest(_Strict):
+    """SKU lines (`items`) and listing lines (`listings`), at least one line and at most 50 in all. A
+    listing's components are added to the SKU lines before anything is reserved, a SKU named twice (by
+    two listings, or by a listing and a line) counting once with the quantities summed."""
+
     user_id: UserId
-    items: list[ReservationItem] = Field(min_length=1, max_length=50)
+    items: list[ReservationItem] = Field(default_factory=list, max_length=50)
+    listings: list[ListingItem] = Field(default_factory=list, max_length=50)
     channel: Annotated[str, StringConstraints(pattern=SKU_PATTERN)] | None = None
     buyer: Buyer | None = None
 
@@ -88,6 +100,44 @@ class ReservationRequest(_Strict):
                 raise ValueError(f"sku {item.sku!r} appears twice; send one line per SKU")
             seen.add(item.sku)
         return items
+
+    @field_validator("listings")
+    @classmethod
+    def _distinct_listings(cls, listings: list[ListingItem]) -> list[ListingItem]:
+        seen: set[str] = set()
+        for line in listings:
+            if line.listing in seen:
+                raise ValueError(f"listing {line.listing!r} appears twice; send one line per listing")
+            seen.add(line.listing)
+        return listings
+
+    @model_validator(mode="after")
+    def _some_lines(self) -> ReservationRequest:
+        if not 1 <= len(self.items) + len(self.listings) <= 50:
+            raise ValueError("a reservation has 1 to 50 lines (items and listings together)")
+        return self
+
+
+class ListingComponent(_Strict):
+    sku: SkuId
+    quantity: int = Field(ge=1, le=1000)
+
+
+class Listing(_Strict):
+    """PUT /v1/listings/{listing}: the SKUs a storefront listing is made of, each a number of times."""
+
+    components: list[ListingComponent] = Field(min_length=1, max_length=20)
+
+    @field_validator("components")
+    @classmethod
+    def _distinct_components(cls, components: list[ListingComponent]) -> list[ListingComponent]:
+        if len({c.sku for c in components}) != len(components):
+            raise ValueError("a SKU appears twice among the components; give it once with its quantity")
+        return components
+
+
+class ListingState(Listing):
+    listing: str
 
 
 class SkuState(BaseModel):

@@ -34,6 +34,7 @@ from app.stock.errors import (
     IdempotencyConflict,
     InsufficientStock,
     LimitExceeded,
+    ListingNotFound,
     NotEligible,
     NotReady,
     ReservationBusy,
@@ -48,6 +49,7 @@ from app.stock.errors import (
 from app.stock.events import ReservationRecord, SaleLedger, parse_entries
 from app.stock.idempotency import IdempotencyRequest
 from app.stock.keys import KeySpace
+from app.stock.listings import ListingCatalogue
 from app.stock.policy import ELIGIBILITY_RULES, NO_BUYER_ARGS, POLICY_FIELDS, policy_from_flat
 from app.stock.reservation_ids import home_shard_of, new_reservation_id
 from app.stock.schemas import (
@@ -127,6 +129,7 @@ class StockService:
         ledger: SaleLedger,
         idempotency_ttl_seconds: int,
         sold_out: SoldOutBook | None = None,
+        listings: ListingCatalogue | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -134,6 +137,7 @@ class StockService:
         self.ledger = ledger
         self._idem_ttl = idempotency_ttl_seconds
         self.sold_out = sold_out  # None: every reservation goes to Redis
+        self.listings = listings  # None: reservations name SKUs only
 
     # -- catalogue ------------------------------------------------------------------------------------
 
@@ -207,15 +211,26 @@ class StockService:
             raise _not_ready(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
-        return self._seen(tenant, _sku_state(sku, values))
+        state = _sku_state(sku, values)
+        if self.sold_out is not None and state.available > 0:  # a read never teaches "sold out": only a refusal does
+            self.sold_out.forget(tenant, [sku])
+        return state
 
     def _seen(self, tenant: str, state: SkuState) -> SkuState:
-        """Tells the sold-out fast path what a read or a change showed of a SKU."""
+        """Tells the sold-out fast path what a change made by this process left of a SKU."""
         if self.sold_out is not None:
             self.sold_out.learn(tenant, state.sku, state.available)
         return state
 
     # -- reservations ---------------------------------------------------------------------------------
+
+    async def expand_listings(self, tenant: str, request: ReservationRequest) -> ReservationRequest:
+        """The request's listing lines turned into SKU lines (app/stock/listings.py); as it is without."""
+        if not request.listings:
+            return request
+        if self.listings is None:
+            raise ListingNotFound(f"listing {request.listings[0].listing!r} does not exist")
+        return await self.listings.expand(request, tenant)
 
     def refuse_known_sold_out(self, tenant: str, request: ReservationRequest) -> None:
         """The sold-out fast path (app/stock/sold_out.py): raises InsufficientStock, with no Redis round
@@ -232,6 +247,8 @@ class StockService:
         attempt with that id may have run: its parts are kept, and a reservation it left no longer live
         is answered as it is rather than extended.
         """
+        if request.listings:  # the API expands them before its checks; a direct caller may not have
+            request = await self.expand_listings(tenant, request)
         now = now_ms()
         parts = self._group(tenant, request.items)
         rid = reservation_id or self.new_reservation_id(tenant, request)
@@ -554,10 +571,7 @@ def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> R
 
 
 def _not_ready(shard: int) -> NotReady:
-    return NotReady(
-        f"shard {shard} of the stock store lost its data and awaits a rebuild from PostgreSQL; retry shortly",
-        shard=shard,
-    )
+    return NotReady.for_shard(shard)
 
 
 def _script_error(

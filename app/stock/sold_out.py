@@ -5,10 +5,11 @@ When a flash sale sells out, nearly every request after that is for a SKU with n
 those from memory leaves Redis and the event loop to the requests that can still succeed. The memory
 only ever refuses (409 insufficient_stock, as Redis would have answered), so invariant 1 does not depend
 on it; what matters is that it lets go quickly when stock returns through a release, an expiry or a
-restock. The process that makes such a change forgets the SKU at once; for changes made elsewhere (another
-process, the sweeper of another process), every ``refresh_ms`` one pipelined read of the remembered SKUs' counters
-forgets each one with stock again, so a SKU comes back within about one interval plus a round trip of
-the change (measured in tests/stock/test_sold_out.py). A book whose refresh fails (Redis unreachable)
+restock. The process that makes such a change forgets the SKU at once. Changes made elsewhere (another
+process, the sweeper of another process) all emit an event on the SKU's shard stream, so the refresh
+waits on those streams (XREAD BLOCK, at most ``refresh_ms``) and re-reads the remembered SKUs' counters as
+soon as anything lands there: a SKU comes back within a few milliseconds of the change (measured in
+tests/api/test_sold_out.py), ``refresh_ms`` being the backstop. A book whose refresh fails (Redis unreachable)
 forgets everything rather than refuse from stale knowledge.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 SkuKey = tuple[str, str]  # (tenant, sku)
 COUNTERS = ["on_hand", "safety_stock", "held", "sold"]
+# Under a flash sale the hot shard's stream never rests: the refresh then runs at most this often
+# (about 200 pipelined reads a second per process), which also bounds how late it can be.
+MIN_GAP_S = 0.005
 
 
 class SoldOutBook:
@@ -39,6 +44,8 @@ class SoldOutBook:
         self.capacity = capacity  # bounds memory and the refresh's size; past it, new SKUs are not kept
         self._known: set[SkuKey] = set()
         self._failing = False
+        self._woke = 0.0  # monotonic time the last wait on the streams returned
+        self._learned = asyncio.Event()  # set when a SKU is remembered: the idle refresh starts watching
         self.hits = 0  # reservations refused from memory, for metrics
 
     def __contains__(self, key: SkuKey) -> bool:
@@ -60,12 +67,13 @@ class SoldOutBook:
         return InsufficientStock(f"not enough stock for {names}", items=short)
 
     def learn(self, tenant: str, sku: str, available: int) -> None:
-        """This process read or changed the SKU's availability: remember it when nothing is left, forget
-        it at once when there is (a restock or release made here needs no refresh to be sold)."""
+        """A reservation refused here, or a change made here, showed the SKU's availability: remember it
+        when nothing is left, forget it at once when there is (a restock made here needs no refresh)."""
         if available > 0:
             self._known.discard((tenant, sku))
         elif len(self._known) < self.capacity:
             self._known.add((tenant, sku))
+            self._learned.set()
 
     def forget(self, tenant: str, skus: Sequence[str]) -> None:
         """Stock of these SKUs came back through this process (a release)."""
@@ -75,29 +83,60 @@ class SoldOutBook:
     def forget_all(self) -> None:
         self._known.clear()
 
-    async def refresh_once(self) -> None:
-        """Forgets every remembered SKU that has stock again (or no longer exists)."""
+    async def refresh_once(self) -> dict[int, str]:
+        """Forgets every remembered SKU that has stock again (or no longer exists). Returns, for each
+        shard still holding a remembered SKU, the id of its stream's newest event read *before* the
+        counters: any change after it is one the counters may not show yet."""
         known = list(self._known)
         if not known:
-            return
+            return {}
+        shards = sorted({self.keys.shard_of(tenant, sku) for tenant, sku in known})
         async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.xrevrange(self.keys.events(shard), count=1)
             for tenant, sku in known:
                 pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, sku), tenant, sku), COUNTERS)
-            rows = await pipe.execute()
+            replies = await pipe.execute()
+        tips, rows = replies[: len(shards)], replies[len(shards) :]
         for key, row in zip(known, rows, strict=True):
             if row[0] is None or available_units(*(int(v) for v in row)) > 0:
                 self._known.discard(key)
+        still = {self.keys.shard_of(tenant, sku) for tenant, sku in self._known}
+        return {
+            shard: str(tip[0][0]) if tip else "0-0" for shard, tip in zip(shards, tips, strict=True) if shard in still
+        }
+
+    async def _until_a_change(self, tips: dict[int, str], stop: asyncio.Event) -> None:
+        """Waits until an event lands on a stream holding a remembered SKU (any stock change on its shard
+        may be the one that brings it back: released, expired, restocked, by any process), or for
+        ``refresh_ms`` at most. Every stock change emits its event in the script that made it, so the
+        stream is the signal; no process needs to tell the others."""
+        if not tips:  # nothing remembered: idle until the first SKU is learned (or stop)
+            self._learned.clear()
+            if not self._known:
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._learned.wait())]
+                _, pending = await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in pending:
+                    waiter.cancel()
+            return
+        # A busy shard's stream wakes us at once every time: refresh at most every MIN_GAP_S then. The gap
+        # is kept before waiting, not after waking, so a change on a quiet stream is acted on at once.
+        await asyncio.sleep(max(0.0, self._woke + MIN_GAP_S - time.monotonic()))
+        streams = {self.keys.events(shard): tip for shard, tip in tips.items()}
+        await self.redis.xread(streams, count=1, block=max(1, round(self.interval * 1000)))  # type: ignore[arg-type]
+        self._woke = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.refresh_once()
+                tips = await self.refresh_once()
                 self._failing = False
+                await self._until_a_change(tips, stop)
             except Exception:
                 # fail safe: without fresh counters, refuse nothing from memory
                 self.forget_all()
                 if not self._failing:  # once per outage, not every interval
                     log.warning("sold-out refresh failed; the fast path is off until Redis answers", exc_info=True)
                 self._failing = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.interval)

@@ -39,6 +39,7 @@ from tests.helpers import snapshot
 A, B = "tenant-a", "tenant-b"
 KEYS = KeySpace(SHARDS)
 SKU = {A: "a-sku", B: "b-sku"}
+LISTING = {A: "a-box", B: "b-box"}  # each tenant's listing: 2 of its SKU
 OTHER = {A: B, B: A}
 JSON = {"content-type": "application/json"}
 UTF8_BOM = b"\xef\xbb\xbf"  # orjson refuses it, the json module FastAPI uses accepts it
@@ -59,7 +60,7 @@ class World:
 @pytest_asyncio.fixture
 async def world(settings: Settings, redis: Redis, pg_pool: asyncpg.Pool) -> AsyncIterator[World]:
     """The app with keys required; tenants A and B each with a SKU (10 units) and a held reservation."""
-    await pg_pool.execute("TRUNCATE api_key, tenant")
+    await pg_pool.execute("TRUNCATE api_key, tenant, listing")
     store = KeyStore(pg_pool)
     keys = {(t, s): (await store.create(t, s, f"{t} {s}"))[1] for t in (A, B) for s in Scope}
     revoked_record, revoked = await store.create(A, Scope.ADMIN, "revoked")
@@ -73,6 +74,9 @@ async def world(settings: Settings, redis: Redis, pg_pool: asyncpg.Pool) -> Asyn
                 admin = w.auth(tenant, Scope.ADMIN)
                 put = await client.put(f"/v1/skus/{SKU[tenant]}", json={"on_hand": 10}, headers=admin)
                 assert put.status_code == 201, put.text
+                box = {"components": [{"sku": SKU[tenant], "quantity": 2}]}
+                listed = await client.put(f"/v1/listings/{LISTING[tenant]}", json=box, headers=admin)
+                assert listed.status_code == 201, listed.text
                 held = await client.post(
                     "/v1/reservations",
                     json={"user_id": "u1", "items": [{"sku": SKU[tenant], "quantity": 2}]},
@@ -116,6 +120,30 @@ async def reserve_fastapi(w: World, owner: str, headers: dict[str, str]) -> http
     return await w.client.post("/v1/reservations", content=body, headers={**headers, **JSON})
 
 
+async def put_listing(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    # A's components whoever's listing name it is: a PUT by A always writes A's own listing
+    body = {"components": [{"sku": SKU[A], "quantity": 3}]}
+    return await w.client.put(f"/v1/listings/{LISTING[owner]}", json=body, headers=headers)
+
+
+async def get_listing(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    return await w.client.get(f"/v1/listings/{LISTING[owner]}", headers=headers)
+
+
+async def reserve_listing(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    body = {"user_id": "u3", "listings": [{"listing": LISTING[owner], "quantity": 1}]}
+    return await w.client.post("/v1/reservations", json=body, headers=headers)
+
+
+async def sku_created_as_own(w: World, headers: dict[str, str]) -> None:
+    assert (await get_sku(w, B, headers)).json()["on_hand"] == 20  # A's view of "b-sku": its own
+
+
+async def listing_created_as_own(w: World, headers: dict[str, str]) -> None:
+    own = (await get_listing(w, B, headers)).json()  # A's view of "b-box": its own, A's components
+    assert own["components"] == [{"sku": SKU[A], "quantity": 3}]
+
+
 async def get_reservation(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
     return await w.client.get(f"/v1/reservations/{w.reservation[owner]}", headers=headers)
 
@@ -134,15 +162,21 @@ class Endpoint:
     scopes: frozenset[Scope]  # the scopes allowed to call it (README's table)
     ok: int  # the status on the caller's own data
     not_found: str | None  # the code on the other tenant's data (None: PUT creates instead)
+    created: Callable[[World, dict[str, str]], Awaitable[None]] | None = None  # checks a PUT's own copy
 
 
 READ_SCOPES = frozenset({Scope.READ, Scope.CHECKOUT, Scope.ADMIN})
 ENDPOINTS = {
-    "PUT /v1/skus/{sku}": Endpoint(put_sku, frozenset({Scope.ADMIN}), 200, None),
+    "PUT /v1/skus/{sku}": Endpoint(put_sku, frozenset({Scope.ADMIN}), 200, None, sku_created_as_own),
     "POST /v1/skus/{sku}/adjustments": Endpoint(adjust, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
     "GET /v1/skus/{sku}": Endpoint(get_sku, READ_SCOPES, 200, "sku_not_found"),
+    "PUT /v1/listings/{listing}": Endpoint(put_listing, frozenset({Scope.ADMIN}), 200, None, listing_created_as_own),
+    "GET /v1/listings/{listing}": Endpoint(get_listing, READ_SCOPES, 200, "listing_not_found"),
     "POST /v1/reservations (hot path)": Endpoint(reserve_hot, frozenset({Scope.CHECKOUT}), 201, "sku_not_found"),
     "POST /v1/reservations (FastAPI)": Endpoint(reserve_fastapi, frozenset({Scope.CHECKOUT}), 201, "sku_not_found"),
+    "POST /v1/reservations naming a listing": Endpoint(
+        reserve_listing, frozenset({Scope.CHECKOUT}), 201, "listing_not_found"
+    ),
     "GET /v1/reservations/{id}": Endpoint(get_reservation, READ_SCOPES, 200, "reservation_not_found"),
     "POST /v1/reservations/{id}/confirm": Endpoint(confirm, frozenset({Scope.CHECKOUT}), 200, "reservation_not_found"),
     "POST /v1/reservations/{id}/release": Endpoint(release, frozenset({Scope.CHECKOUT}), 200, "reservation_not_found"),
@@ -192,11 +226,17 @@ async def test_without_a_valid_key_every_endpoint_is_401_and_changes_nothing(
 
 
 def b_state_keys(w: World) -> list[str]:
-    """B's SKU, per-user counts and reservation in Redis."""
+    """B's SKU, per-user counts, reservation and listing in Redis."""
     shard = KEYS.shard_of(B, SKU[B])
     home = home_shard_of(w.reservation[B], SHARDS)
     assert home is not None
-    return [KEYS.sku(shard, B, SKU[B]), KEYS.user_counts(shard, B, SKU[B]), KEYS.reservation(home, w.reservation[B])]
+    listing = KEYS.listing(KEYS.shard_of(B, LISTING[B]), B, LISTING[B])
+    return [
+        KEYS.sku(shard, B, SKU[B]),
+        KEYS.user_counts(shard, B, SKU[B]),
+        KEYS.reservation(home, w.reservation[B]),
+        listing,
+    ]
 
 
 @pytest.mark.parametrize("scope", list(Scope))
@@ -220,9 +260,10 @@ async def test_every_endpoint_with_every_scope(world: World, endpoint: str, scop
     b_seen_before = (await get_sku(world, B, world.auth(B, Scope.READ))).json()
     response = await e.call(world, B, headers)
     after = await snapshot(world.redis)
-    if e.not_found is None:  # PUT: creates A's own SKU under that name
+    if e.not_found is None:  # PUT: creates A's own SKU or listing under that name
         assert response.status_code == 201, response.text
-        assert (await get_sku(world, B, headers)).json()["on_hand"] == 20  # A's view of "b-sku": its own
+        assert e.created is not None
+        await e.created(world, headers)
     else:
         assert_problem(response, 404, e.not_found)
         assert after == before
@@ -275,7 +316,7 @@ async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_rout
         "description": doc["components"]["securitySchemes"]["ApiKey"]["description"],
     }
     v1 = [(path, op) for path, ops in doc["paths"].items() if path.startswith("/v1/") for op in ops.values()]
-    assert len(v1) == 7
+    assert len(v1) == 9  # skus: put, adjust, get; listings: put, get; reservations: 4
     for path, op in v1:
         assert op.get("security") == [{"ApiKey": []}], path
         assert {"401", "403"} <= op["responses"].keys(), path

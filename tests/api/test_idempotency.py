@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app.api.routes.reservations import canonical_body
 from app.stock.idempotency import IdempotencyRequest, fingerprint
 from app.stock.keys import KeySpace
 from app.stock.reservation_ids import new_reservation_id
@@ -188,7 +189,7 @@ async def test_concurrent_identical_requests_make_one_reservation(
 def claim_request(body: dict[str, Any], idempotency_key: str) -> IdempotencyRequest:
     """The claim exactly as the route makes it for this body and key."""
     scope = f"POST {RESERVATIONS}"
-    canonical = ReservationRequest.model_validate(body).model_dump(mode="json")
+    canonical = canonical_body(ReservationRequest.model_validate(body))
     return IdempotencyRequest(key=idempotency_key, scope=scope, fingerprint=fingerprint(scope, canonical))
 
 

@@ -60,7 +60,7 @@ ReservationPath = Annotated[
     responses={
         # replaces the router's 403 in the OpenAPI document, so it names both
         403: problem_schema("forbidden (the key's scope) / not_eligible (names the eligibility rule the buyer fails)"),
-        404: problem_schema("sku_not_found"),
+        404: problem_schema("sku_not_found / listing_not_found"),
         409: problem_schema(
             "insufficient_stock (with per-item available) / limit_exceeded (rule per_user_limit or max_per_order)"
         ),
@@ -81,6 +81,12 @@ async def create_reservation(
     return await reserve(service, store, limiter, tenant, body, idempotency_key, request.url.path)
 
 
+def canonical_body(body: ReservationRequest) -> dict[str, object]:
+    """What an Idempotency-Key's fingerprint covers: the body as sent, fields left at their defaults
+    omitted, so a field added to the API later leaves the fingerprints of older requests as they were."""
+    return body.model_dump(mode="json", exclude_defaults=True)
+
+
 async def reserve(
     service: StockService,
     store: IdempotencyStore,
@@ -91,22 +97,24 @@ async def reserve(
     instance: str,
 ) -> Response:
     """The reservation under its Idempotency-Key, if any; the route and the hot path (app/api/hot_path.py)
-    both answer through here. A SKU this process knows is sold out is refused first, from memory
-    (app/stock/sold_out.py), then the per-user rate limit; neither claims the Idempotency-Key, so a retry
-    runs afresh, as for any request refused before it started (Stripe does the same)."""
-    service.refuse_known_sold_out(tenant, body)
+    both answer through here. Listing lines are expanded into SKU lines first (app/stock/listings.py).
+    A SKU this process knows is sold out is refused next, from memory (app/stock/sold_out.py), then the
+    per-user rate limit; none of these claims the Idempotency-Key, so a retry runs afresh, as for any
+    request refused before it started (Stripe does the same)."""
+    stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
+    service.refuse_known_sold_out(tenant, stock)
     await limiter.check_user(tenant, body.user_id)
 
     async def run(reservation_id: str, retry: bool) -> Response:
-        return json_response(await service.reserve(tenant, body, reservation_id, retry), 201)
+        return json_response(await service.reserve(tenant, stock, reservation_id, retry), 201)
 
     return await run_idempotent(
         store,
         tenant,
         idempotency_key,
         "POST /v1/reservations",
-        lambda: body.model_dump(mode="json"),
-        service.new_reservation_id(tenant, body),
+        lambda: canonical_body(body),
+        service.new_reservation_id(tenant, stock),
         instance,
         run,
     )
