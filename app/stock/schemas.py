@@ -27,6 +27,14 @@ def available_units(on_hand: int, safety_stock: int, held: int, sold: int) -> in
     return max(0, on_hand - safety_stock - held - sold)
 
 
+def _once_each(names: list[str], what: str, advice: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} {name!r} appears twice; {advice}")
+        seen.add(name)
+
+
 class Mode(StrEnum):
     PRE_RESERVE = "pre_reserve"
     ON_ORDER = "on_order"
@@ -94,21 +102,13 @@ class ReservationRequest(_Strict):
     @field_validator("items")
     @classmethod
     def _distinct_skus(cls, items: list[ReservationItem]) -> list[ReservationItem]:
-        seen: set[str] = set()
-        for item in items:
-            if item.sku in seen:
-                raise ValueError(f"sku {item.sku!r} appears twice; send one line per SKU")
-            seen.add(item.sku)
+        _once_each([item.sku for item in items], "sku", "send one line per SKU")
         return items
 
     @field_validator("listings")
     @classmethod
     def _distinct_listings(cls, listings: list[ListingItem]) -> list[ListingItem]:
-        seen: set[str] = set()
-        for line in listings:
-            if line.listing in seen:
-                raise ValueError(f"listing {line.listing!r} appears twice; send one line per listing")
-            seen.add(line.listing)
+        _once_each([line.listing for line in listings], "listing", "send one line per listing")
         return listings
 
     @model_validator(mode="after")
@@ -131,8 +131,7 @@ class Listing(_Strict):
     @field_validator("components")
     @classmethod
     def _distinct_components(cls, components: list[ListingComponent]) -> list[ListingComponent]:
-        if len({c.sku for c in components}) != len(components):
-            raise ValueError("a SKU appears twice among the components; give it once with its quantity")
+        _once_each([c.sku for c in components], "sku", "give each component once, with its quantity")
         return components
 
 
