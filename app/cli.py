@@ -36,8 +36,9 @@ log = logging.getLogger("stockhold")
 def _start_embedded(stack: ExitStack) -> None:
     """Starts an embedded server for each of REDIS_URL / DATABASE_URL left unset, and points the
     variables at it so the API workers (separate processes) find them. Stopped when `stack` closes.
-    Sets STOCKHOLD_EMBEDDED when it started one: a local trial, where API keys are not required unless
-    STOCKHOLD_REQUIRE_AUTH says so."""
+    Sets STOCKHOLD_EMBEDDED when it started both: a local trial, where API keys are not required unless
+    STOCKHOLD_REQUIRE_AUTH says so. One real server with one embedded is not a trial: a forgotten
+    REDIS_URL beside a production DATABASE_URL must not open the service."""
     settings = get_settings()
     data = settings.data_dir.resolve()
     redis_url, database_url = start_missing(stack, data, settings.redis_url, settings.database_url, persist_redis=True)
@@ -47,7 +48,7 @@ def _start_embedded(stack: ExitStack) -> None:
     if not settings.database_url:
         os.environ["DATABASE_URL"] = database_url
         typer.echo(f"embedded PostgreSQL: {database_url}")
-    if not settings.redis_url or not settings.database_url:
+    if not settings.redis_url and not settings.database_url:
         os.environ["STOCKHOLD_EMBEDDED"] = "true"
     get_settings.cache_clear()
 

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     # with no key, and says so loudly. Pointing at real servers therefore means keys are required unless
     # someone writes `false` on purpose: a deployment is never open by accident.
     require_auth: bool | None = Field(default=None, validation_alias="STOCKHOLD_REQUIRE_AUTH")
-    # Set by `stockhold serve` for its API processes when it started an embedded Redis or PostgreSQL; only
+    # Set by `stockhold serve` for its API processes when it started an embedded Redis and PostgreSQL; only
     # read to resolve require_auth. Not meant to be set by hand.
     embedded: bool = Field(default=False, validation_alias="STOCKHOLD_EMBEDDED")
     # How often each API process reads the API key epoch (app/auth/epoch.py), i.e. how soon a revocation

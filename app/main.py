@@ -48,6 +48,7 @@ log = logging.getLogger("stockhold")
 # 2 workers: p99 25 ms at 500, 17.5 ms at 100, throughput 6,850 -> 7,200/s). When it falls behind it
 # reads up to 4x as many per step (WriteBehindWorker.max_batch) until it has caught up.
 IN_PROCESS_WORKER_BATCH = 100
+BACKGROUND_POOL_SIZE = 4  # the sold-out refresh holds one in XREAD BLOCK; the key epoch refresh one more
 
 
 @asynccontextmanager
@@ -56,6 +57,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not settings.redis_url or not settings.database_url:
         raise RuntimeError("REDIS_URL and DATABASE_URL must be set (`stockhold serve` starts embedded servers)")
     redis = connect_redis(settings.redis_url)
+    # The refresh loops (sold-out fast path, API key epoch) get their own few connections: waiting behind a
+    # burst of requests for the main pool would leave their knowledge stale for as long as the burst lasts.
+    background = connect_redis(settings.redis_url, pool_size=BACKGROUND_POOL_SIZE)
     pg = await create_pool(settings.database_url)
     try:
         await apply_migrations(pg)
@@ -66,7 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watch = ReadinessWatch(Rebuilder(redis, pg, keys), auto_rebuild=settings.auto_rebuild)
         stop = asyncio.Event()
         app.state.redis, app.state.pg, app.state.scripts, app.state.keys = redis, pg, scripts, keys
-        sold_out = SoldOutBook(redis, keys, settings.sold_out_refresh_ms) if settings.sold_out_refresh_ms else None
+        refresh_ms = settings.sold_out_refresh_ms
+        sold_out = SoldOutBook(background, keys, refresh_ms) if refresh_ms else None
         app.state.service = StockService(
             redis,
             scripts,
@@ -85,7 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             per_ip=bucket(settings.ip_rate_per_second, settings.ip_burst),
         )
         app.state.sweeper, app.state.watch = sweeper, watch
-        authenticator = Authenticator(KeyStore(pg), redis, keys, settings.auth_refresh_ms)
+        authenticator = Authenticator(KeyStore(pg), background, keys, settings.auth_refresh_ms)
         app.state.authenticator = authenticator
         if not settings.auth_required:
             log.warning("API keys NOT required: %s", open_mode_notice(settings))
@@ -112,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.gather(*tasks)
     finally:
         await redis.aclose()
+        await background.aclose()
         await pg.close()
 
 

@@ -22,11 +22,13 @@ LIMITED_PREFIX = "/v1/"
 def client_address(scope: Scope, header: bytes | None) -> str:
     """The client's address: the trusted header's last entry when configured and present, else the peer."""
     if header is not None:
-        for name, value in scope["headers"]:
-            if name == header:
-                last: str = value.decode("latin-1").rsplit(",", 1)[-1].strip()
-                if last:
-                    return last
+        # the last line of the header, then its last address: a proxy that adds a line of its own (rather
+        # than appending to the client's) puts it after any the client sent
+        values = [value for name, value in scope["headers"] if name == header]
+        if values:
+            last: str = values[-1].decode("latin-1").rsplit(",", 1)[-1].strip()
+            if last:
+                return last
     client: tuple[str, int] | None = scope.get("client")
     return client[0] if client else "unknown"
 

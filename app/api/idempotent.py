@@ -1,8 +1,8 @@
 """Runs a multi-call operation (reserve, confirm, release) under an Idempotency-Key claim.
 
 See app/stock/idempotency.py for the contract. Domain refusals (4xx) are stored and replayed like
-successes; transient answers (503 not_ready or ledger_unavailable, 409 reservation_busy, 429 hold_cooldown)
-and unexpected failures are not stored, so a retry runs the operation again with the same reference,
+successes; transient answers (503 not_ready or ledger_unavailable, 409 reservation_busy, 429 hold_cooldown
+or rate_limited) and unexpected failures are not stored, so a retry runs the operation again with the same reference,
 which the scripts make safe.
 """
 
@@ -14,7 +14,7 @@ from fastapi.responses import Response
 
 from app.api.problems import from_stock_error
 from app.api.responses import stored_response
-from app.stock.errors import HoldCooldown, LedgerUnavailable, NotReady, ReservationBusy, StockError
+from app.stock.errors import LedgerUnavailable, NotReady, ReservationBusy, RetryLater, StockError
 from app.stock.idempotency import ClaimState, IdempotencyRequest, IdempotencyStore, fingerprint
 
 
@@ -38,7 +38,7 @@ async def run_idempotent(
         return stored_response(claim.status, claim.body)
     try:
         response = await operation(claim.ref, claim.state == ClaimState.RETRY)
-    except (NotReady, ReservationBusy, LedgerUnavailable, HoldCooldown):
+    except (NotReady, ReservationBusy, LedgerUnavailable, RetryLater):
         raise  # transient: not the request's answer, so not stored
     except StockError as exc:
         response = from_stock_error(exc, instance)

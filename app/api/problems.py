@@ -24,6 +24,7 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.SkuNotFound: 404,
     errors.ReservationNotFound: 404,
     errors.ListingNotFound: 404,
+    errors.ReservationTooLarge: 422,
     errors.InsufficientStock: 409,
     errors.LimitExceeded: 409,
     errors.NotEligible: 403,

@@ -85,6 +85,13 @@ class ListingNotFound(StockError):
     title = "Listing not found"
 
 
+class ReservationTooLarge(StockError):
+    """Listing lines expanded into more SKU lines, or larger ones, than a reservation may have."""
+
+    code = "reservation_too_large"
+    title = "Reservation too large"
+
+
 class ReservationNotFound(StockError):
     code = "reservation_not_found"
     title = "Reservation not found"

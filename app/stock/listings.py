@@ -18,9 +18,13 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
-from app.stock.errors import ListingNotFound, NotReady
+from app.stock.errors import ListingNotFound, NotReady, ReservationTooLarge
 from app.stock.keys import KeySpace
 from app.stock.schemas import Listing, ListingComponent, ListingState, ReservationItem, ReservationRequest
+
+# The bounds a reservation's SKU lines keep once listings are expanded: the API's own for SKU lines
+MAX_LINES = 50
+MAX_QUANTITY = 1000
 
 UPSERT = """
 INSERT INTO listing (tenant, listing, components) VALUES ($1, $2, $3::jsonb)
@@ -59,6 +63,13 @@ class ListingCatalogue:
         for line, components in zip(request.listings, found, strict=True):
             for c in components:
                 quantities[c.sku] = quantities.get(c.sku, 0) + c.quantity * line.quantity
+        if len(quantities) > MAX_LINES or max(quantities.values()) > MAX_QUANTITY:
+            raise ReservationTooLarge(
+                f"the listings expand to {len(quantities)} SKU lines of up to {max(quantities.values())} units; "
+                f"a reservation holds at most {MAX_LINES} SKUs of at most {MAX_QUANTITY} units each",
+                lines=len(quantities),
+                largest=max(quantities.values()),
+            )
         items = [ReservationItem.model_construct(sku=sku, quantity=q) for sku, q in quantities.items()]
         return request.model_copy(update={"items": items, "listings": []})
 

@@ -37,7 +37,7 @@ MIN_GAP_S = 0.005
 
 
 class SoldOutBook:
-    def __init__(self, redis: Redis, keys: KeySpace, refresh_ms: int = 50, capacity: int = 10_000) -> None:
+    def __init__(self, redis: Redis, keys: KeySpace, refresh_ms: int = 50, capacity: int = 1_000) -> None:
         self.redis = redis
         self.keys = keys
         self.interval = refresh_ms / 1000
@@ -45,6 +45,7 @@ class SoldOutBook:
         self._known: set[SkuKey] = set()
         self._failing = False
         self._woke = 0.0  # monotonic time the last wait on the streams returned
+        self._tips: dict[int, str] = {}  # shard -> newest event id read with its remembered SKUs' counters
         self._learned = asyncio.Event()  # set when a SKU is remembered: the idle refresh starts watching
         self.hits = 0  # reservations refused from memory, for metrics
 
@@ -82,56 +83,68 @@ class SoldOutBook:
 
     def forget_all(self) -> None:
         self._known.clear()
+        self._tips.clear()
 
-    async def refresh_once(self) -> dict[int, str]:
-        """Forgets every remembered SKU that has stock again (or no longer exists). Returns, for each
-        shard still holding a remembered SKU, the id of its stream's newest event read *before* the
-        counters: any change after it is one the counters may not show yet."""
-        known = list(self._known)
-        if not known:
-            return {}
+    async def refresh_once(self, only: set[int] | None = None) -> None:
+        """Forgets every remembered SKU that has stock again (or no longer exists), on the shards in
+        ``only`` (and any remembered SKU's shard not watched yet), or on every shard. Notes, for each shard
+        read, the id of its stream's newest event read *before* the counters: any change after it is one
+        the counters may not show yet, so the wait starts from there."""
+
+        def due(shard: int) -> bool:
+            return only is None or shard in only or shard not in self._tips
+
+        known = [key for key in self._known if due(self.keys.shard_of(*key))]
         shards = sorted({self.keys.shard_of(tenant, sku) for tenant, sku in known})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for shard in shards:
-                pipe.xrevrange(self.keys.events(shard), count=1)
-            for tenant, sku in known:
-                pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, sku), tenant, sku), COUNTERS)
-            replies = await pipe.execute()
-        tips, rows = replies[: len(shards)], replies[len(shards) :]
-        for key, row in zip(known, rows, strict=True):
-            if row[0] is None or available_units(*(int(v) for v in row)) > 0:
-                self._known.discard(key)
+        if shards:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.xrevrange(self.keys.events(shard), count=1)
+                for tenant, sku in known:
+                    pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, sku), tenant, sku), COUNTERS)
+                replies = await pipe.execute()
+            tips, rows = replies[: len(shards)], replies[len(shards) :]
+            for key, row in zip(known, rows, strict=True):
+                if row[0] is None or available_units(*(int(v) for v in row)) > 0:
+                    self._known.discard(key)
+            for shard, tip in zip(shards, tips, strict=True):
+                self._tips[shard] = str(tip[0][0]) if tip else "0-0"
         still = {self.keys.shard_of(tenant, sku) for tenant, sku in self._known}
-        return {
-            shard: str(tip[0][0]) if tip else "0-0" for shard, tip in zip(shards, tips, strict=True) if shard in still
-        }
+        self._tips = {shard: tip for shard, tip in self._tips.items() if shard in still}
 
-    async def _until_a_change(self, tips: dict[int, str], stop: asyncio.Event) -> None:
+    async def _until_a_change(self, stop: asyncio.Event) -> set[int] | None:
         """Waits until an event lands on a stream holding a remembered SKU (any stock change on its shard
         may be the one that brings it back: released, expired, restocked, by any process), or for
-        ``refresh_ms`` at most. Every stock change emits its event in the script that made it, so the
-        stream is the signal; no process needs to tell the others."""
-        if not tips:  # nothing remembered: idle until the first SKU is learned (or stop)
+        ``refresh_ms`` at most. Returns the shards whose streams moved (None: the wait timed out, look
+        at every shard). Every stock change emits its event in the script that made it, so the stream is
+        the signal; no process needs to tell the others."""
+        if not self._tips:  # nothing remembered: idle until the first SKU is learned (or stop)
             self._learned.clear()
             if not self._known:
                 waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._learned.wait())]
                 _, pending = await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in pending:
                     waiter.cancel()
-            return
+            return None
         # A busy shard's stream wakes us at once every time: refresh at most every MIN_GAP_S then. The gap
         # is kept before waiting, not after waking, so a change on a quiet stream is acted on at once.
         await asyncio.sleep(max(0.0, self._woke + MIN_GAP_S - time.monotonic()))
-        streams = {self.keys.events(shard): tip for shard, tip in tips.items()}
-        await self.redis.xread(streams, count=1, block=max(1, round(self.interval * 1000)))  # type: ignore[arg-type]
+        shard_of = {self.keys.events(shard): shard for shard in self._tips}
+        streams = {name: self._tips[shard] for name, shard in shard_of.items()}
+        reply = await self.redis.xread(streams, count=1, block=max(1, round(self.interval * 1000)))  # type: ignore[arg-type]
         self._woke = time.monotonic()
+        if not reply:
+            return None
+        return {shard_of[str(entry[0])] for entry in reply}  # entry: [stream name, its new events]
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            only: set[int] | None = None
             try:
-                tips = await self.refresh_once()
-                self._failing = False
-                await self._until_a_change(tips, stop)
+                while not stop.is_set():
+                    await self.refresh_once(only)
+                    self._failing = False
+                    only = await self._until_a_change(stop)
             except Exception:
                 # fail safe: without fresh counters, refuse nothing from memory
                 self.forget_all()

@@ -188,3 +188,22 @@ async def test_listings_come_back_with_a_rebuild_and_reconcile_compares_them(
     await redis.delete(keys.listing(keys.shard_of(TENANT, "tea-and-cup"), TENANT, "tea-and-cup"))
     drift = {(d.sku, d.redis) for d in await compare(redis, pg, keys) if d.field == "components"}
     assert drift == {("tea-box", '[{"sku":"tea","quantity":9}]'), ("tea-and-cup", "-")}
+
+
+async def test_listings_may_not_expand_past_the_bounds_of_a_reservation(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    # given listings of 20 SKUs each, 1,000 units of every one
+    for b in range(3):
+        await put_listing(client, f"crate-{b}", *((f"sku-{b}-{i}", 1000) for i in range(20)))
+    before = await snapshot(redis)
+
+    # when a reservation would hold 2,000 of one SKU, or 60 SKUs
+    too_many_units = await reserve(client, "ann", listings=[("crate-0", 2)])
+    too_many_lines = await reserve(client, "ann", listings=[(f"crate-{b}", 1) for b in range(3)])
+
+    # then both are refused before anything is reserved
+    for refused, lines, largest in ((too_many_units, 20, 2000), (too_many_lines, 60, 1000)):
+        assert (refused.status_code, refused.json()["code"]) == (422, "reservation_too_large"), refused.text
+        assert (refused.json()["lines"], refused.json()["largest"]) == (lines, largest)
+    assert await snapshot(redis) == before

@@ -97,3 +97,18 @@ async def test_behind_a_proxy_the_trusted_headers_last_address_is_the_client(
         # the first shopper again, forging an earlier hop: only the last address counts, still refused
         again = await client.get("/v1/skus/gpu", headers=via_proxy("10.9.9.9, 203.0.113.1"))
         assert again.status_code == 429
+
+
+async def test_a_client_line_of_the_trusted_header_before_the_proxys_is_not_believed(
+    settings: Settings, redis: Redis
+) -> None:
+    async with client_with(settings, ip_rate_per_second=0.5, ip_burst=1, client_ip_header="X-Forwarded-For") as client:
+        await put_sku(client, "gpu", on_hand=100)
+
+        def lines(*values: str) -> list[tuple[str, str]]:  # separate header lines, in order
+            return [("X-Forwarded-For", value) for value in values]
+
+        # the proxy adds its own line after the client's forged one: the proxy's line is the client
+        assert (await client.get("/v1/skus/gpu", headers=lines("6.6.6.6", "203.0.113.9"))).status_code == 200
+        again = await client.get("/v1/skus/gpu", headers=lines("7.7.7.7", "203.0.113.9"))
+        assert again.status_code == 429  # same shopper, another forged line: the same bucket

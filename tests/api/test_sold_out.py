@@ -163,3 +163,21 @@ async def test_a_restock_or_release_through_this_process_is_sold_at_once(
     assert (TENANT, "bottle") in book_of(app)
     assert (await client.post(f"/v1/reservations/{held_id}/release")).status_code == 200
     assert (await reserve(client, "fourth", ("bottle", 1))).status_code == 201
+
+
+async def test_a_retried_reservation_is_replayed_even_once_the_sku_is_known_sold_out(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    # given the last unit reserved under an Idempotency-Key (its answer lost on the way back)
+    await put_sku(client, "bottle", on_hand=1)
+    body = {"user_id": "ann", "items": [{"sku": "bottle", "quantity": 1}]}
+    first = await client.post("/v1/reservations", json=body, headers={"Idempotency-Key": "ann-1"})
+    assert first.status_code == 201
+    # and another buyer's refusal has taught this process the SKU is sold out
+    assert (await reserve(client, "bob", ("bottle", 1))).status_code == 409
+    assert (TENANT, "bottle") in book_of(app)
+
+    # when the checkout retries with the same key, the first answer is replayed, not refused from memory
+    retried = await client.post("/v1/reservations", json=body, headers={"Idempotency-Key": "ann-1"})
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["id"] == first.json()["id"]

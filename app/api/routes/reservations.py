@@ -98,14 +98,14 @@ async def reserve(
 ) -> Response:
     """The reservation under its Idempotency-Key, if any; the route and the hot path (app/api/hot_path.py)
     both answer through here. Listing lines are expanded into SKU lines first (app/stock/listings.py).
-    A SKU this process knows is sold out is refused next, from memory (app/stock/sold_out.py), then the
-    per-user rate limit; none of these claims the Idempotency-Key, so a retry runs afresh, as for any
-    request refused before it started (Stripe does the same)."""
+    Then, inside the operation the key guards (so a retry of an answered request is replayed, never
+    refused anew): a SKU this process knows is sold out is refused from memory (app/stock/sold_out.py),
+    and the per-user rate limit is checked; a rate limit's 429 is not stored, so a retry runs afresh."""
     stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
-    service.refuse_known_sold_out(tenant, stock)
-    await limiter.check_user(tenant, body.user_id)
 
     async def run(reservation_id: str, retry: bool) -> Response:
+        service.refuse_known_sold_out(tenant, stock)
+        await limiter.check_user(tenant, body.user_id)
         return json_response(await service.reserve(tenant, stock, reservation_id, retry), 201)
 
     return await run_idempotent(
