@@ -208,7 +208,7 @@ class StockService:
             pipe.hmget(self.keys.sku(shard, tenant, sku), SKU_STATE_FIELDS)
             ready, values = await pipe.execute()
         if not ready:
-            raise _not_ready(shard)
+            raise NotReady.for_shard(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
         state = _sku_state(sku, values)
@@ -508,7 +508,7 @@ class StockService:
             pipe.hmget(self.keys.reservation(home, reservation_id), ["st", "t", "exp", "c", "doc"])
             ready, (st, owner, deadline, created, doc) = await pipe.execute()
         if not ready:
-            raise _not_ready(home)
+            raise NotReady.for_shard(home)
         if st is None or doc is None or owner != tenant:
             raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
         data = orjson.loads(doc)
@@ -523,7 +523,7 @@ class StockService:
                 replies = await pipe.execute()
             for part, ready_there in zip(parts[1:], replies[0::2], strict=True):
                 if not ready_there:
-                    raise _not_ready(part.shard)
+                    raise NotReady.for_shard(part.shard)
             statuses += [str(s) for s in replies[1::2] if s is not None]
         return _Loaded(
             reservation_id=reservation_id,
@@ -570,10 +570,6 @@ def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> R
     )
 
 
-def _not_ready(shard: int) -> NotReady:
-    return NotReady.for_shard(shard)
-
-
 def _script_error(
     code: int, reply: Sequence[Any], part: _Part | None = None, sku: str = "", shard: int = -1, now: int = 0
 ) -> StockError:
@@ -584,7 +580,7 @@ def _script_error(
         return part.lines[int(line) - 1][1]
 
     if code == ScriptCode.NOT_READY:
-        return _not_ready(part.shard if part is not None else shard)
+        return NotReady.for_shard(part.shard if part is not None else shard)
     if code == ScriptCode.SKU_NOT_FOUND:
         name = item(reply[1]).sku if part is not None else sku
         return SkuNotFound(f"SKU {name!r} does not exist", sku=name)
