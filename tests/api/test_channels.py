@@ -72,7 +72,14 @@ async def test_a_quota_below_what_is_used_is_a_conflict(client: httpx.AsyncClien
 
 @pytest.mark.parametrize(
     "body",
-    [{"quota": -1}, {"quota": "3"}, {}, {"quota": 1, "priority": -1}, {"quota": 1, "borrow": "yes"}, {"quota": 1, "x": 1}],
+    [
+        {"quota": -1},
+        {"quota": "3"},
+        {},
+        {"quota": 1, "priority": -1},
+        {"quota": 1, "borrow": "yes"},
+        {"quota": 1, "x": 1},
+    ],
 )
 async def test_a_bad_channel_is_refused_and_changes_nothing(
     client: httpx.AsyncClient, redis: Redis, body: dict[str, Any]
