@@ -118,8 +118,10 @@ async def test_2000_buyers_across_three_channels_never_break_a_quota(client: htt
 
     # then every unit went exactly once, the app only ever had its quota, no channel took more than its
     # quota from it, and the refusals were all for stock
-    won = {channel: sum(1 for r, c in zip(responses, routes, strict=True) if c == channel and r.status_code == 201)
-           for channel in quotas}
+    won = {
+        channel: sum(1 for r, c in zip(responses, routes, strict=True) if c == channel and r.status_code == 201)
+        for channel in quotas
+    }
     assert sum(won.values()) == 300
     assert won["app"] == 80
     assert all(r.json()["code"] == "insufficient_stock" for r in responses if r.status_code != 201)
