@@ -82,6 +82,37 @@ async def test_lines_on_backorder_say_so_with_the_eta(client: httpx.AsyncClient)
     assert confirmed.json()["items"][0]["backordered"] == 2
 
 
+async def test_the_answers_of_confirm_and_release_say_what_is_on_backorder_after_them(
+    client: httpx.AsyncClient,
+) -> None:
+    # given an on_payment SKU with nothing on hand and a presale, and a pending reservation of 2
+    await put_sku(client, "preorder", on_hand=0, mode="on_payment", presale=presale(5))
+    pending = await reserve(client, "ann", ("preorder", 2))
+    assert pending.status_code == 201, pending.text
+    assert pending.json()["items"][0]["backorder"] is False  # a pending line holds nothing yet
+    rid = pending.json()["id"]
+
+    # when it is paid: deducted directly, on backorder
+    confirmed = await client.post(f"/v1/reservations/{rid}/confirm")
+
+    # then the 200 tells the checkout so, with the ETA, as every later read does
+    assert confirmed.status_code == 200, confirmed.text
+    line = {"sku": "preorder", "quantity": 2, "backorder": True, "backordered": 2, "eta": ETA_OUT}
+    assert confirmed.json()["items"] == [line]
+    assert (await client.get(f"/v1/reservations/{rid}")).json()["items"] == [line]
+
+    # and given a hold on backorder, when it is released, the answer says nothing is on backorder any more
+    await put_sku(client, "held-ahead", on_hand=0, presale=presale(5))
+    held = await reserve(client, "bob", ("held-ahead", 3))
+    assert held.status_code == 201, held.text
+    assert held.json()["items"][0]["backordered"] == 3
+    released = await client.post(f"/v1/reservations/{held.json()['id']}/release")
+    assert released.status_code == 200, released.text
+    gone = {"sku": "held-ahead", "quantity": 3, "backorder": False, "backordered": 0, "eta": None}
+    assert released.json()["items"] == [gone]
+    assert (await client.get(f"/v1/reservations/{held.json()['id']}")).json()["items"] == [gone]
+
+
 async def test_a_receipt_fills_backorders_oldest_first(client: httpx.AsyncClient) -> None:
     # given no stock on hand and three backorders of 2, 3 and 1, in that order
     await put_sku(client, "ship", on_hand=0, presale=presale(10))
