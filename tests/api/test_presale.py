@@ -269,3 +269,37 @@ async def test_backorders_come_back_from_postgresql_and_reconcile_watches_them(
     await redis.hset(keys.sku(shard, TENANT, "pre"), "backordered", 5)
     drift = await compare(redis, pg, keys)
     assert [(d.sku, d.field, d.redis, d.postgres) for d in drift] == [("pre", "backordered", "5", "1")]
+
+
+async def test_a_rebuild_keeps_the_order_lines_went_on_backorder_in(
+    client: httpx.AsyncClient, redis: Redis, pg: asyncpg.Pool, keys: KeySpace
+) -> None:
+    # given a pending reservation (on_payment) made first, then a hold on backorder once the SKU holds,
+    # then the pending one paid: deducted directly, on backorder after the hold
+    await put_sku(client, "late", on_hand=0, mode="on_payment", presale=presale(5))
+    paid_later = (await reserve(client, "ann", ("late", 2))).json()["id"]
+    await asyncio.sleep(0.01)
+    await put_sku(client, "late", on_hand=0, mode="pre_reserve", presale=presale(5))
+    held_first = (await reserve(client, "bob", ("late", 2))).json()["id"]
+    await asyncio.sleep(0.01)
+    assert (await client.post(f"/v1/reservations/{paid_later}/confirm")).status_code == 200
+    shard = keys.shard_of(TENANT, "late")
+    queue = keys.backorder_queue(shard, TENANT, "late")
+    assert await redis.zrange(queue, 0, -1) == [held_first, paid_later]
+
+    # when Redis loses the shard and it is rebuilt from PostgreSQL
+    rebuilder = Rebuilder(redis, pg, keys)
+    await rebuilder.drain(list(keys.all_shards()))
+    names = [k async for k in redis.scan_iter(match=keys.shard_pattern(shard)) if not k.endswith(":events")]
+    await redis.delete(*names)
+    assert await rebuilder.rebuild([shard]) == [shard]
+
+    # then the hold is still ahead of the later sale, and a receipt of 2 fills it, not the sale
+    assert await redis.zrange(queue, 0, -1) == [held_first, paid_later]
+    assert (await receive(client, "late", 2)).status_code == 200
+    held = (await client.get(f"/v1/reservations/{held_first}")).json()["items"][0]
+    sold = (await client.get(f"/v1/reservations/{paid_later}")).json()["items"][0]
+    assert ((held["backorder"], held["backordered"]), (sold["backorder"], sold["backordered"])) == (
+        (False, 0),
+        (True, 2),
+    )
