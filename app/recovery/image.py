@@ -40,6 +40,13 @@ SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, stat
        expires_at_ms, created_at_ms, event_ms, event_seq, backordered, from_quota
 FROM reservation_line
 """
+# When each sold line went on backorder: its direct deduction (the newest 'sold' event: a revert and a new
+# payment make a new one), not its reservation's creation.
+LOAD_SOLD_AT = """
+SELECT reservation_id, sku, round(extract(epoch FROM max(occurred_at)) * 1000)::bigint AS at_ms
+FROM stock_movement WHERE kind = 'sold' AND reservation_id = ANY($1::text[])
+GROUP BY reservation_id, sku
+"""
 LOAD_DOCS = """
 SELECT id, user_id, channel, items, (extract(epoch FROM created_at) * 1000)::bigint AS created_at_ms,
        (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms
@@ -102,6 +109,7 @@ class LineImage:
     held: bool
     backordered: int = 0  # units on backorder while the line holds or is sold
     from_quota: int = 0  # units from its reservation's channel's quota while the line holds or is sold
+    sold_at: int | None = None  # when a line sold by direct deduction was (ms): when it went on backorder
 
 
 @dataclass
@@ -145,13 +153,14 @@ class ShardImage:
         return {p.reservation_id: p.deadline for p in self.parts if p.status in ("held", "pending") and p.deadline > 0}
 
     def backorder_queues(self) -> dict[SkuKey, dict[str, int]]:
-        """Per SKU, the reservations whose line has units on backorder -> when it took them (the part's
-        creation: a direct deduction's own moment is not persisted, and it only ever follows a lapse)."""
+        """Per SKU, the reservations whose line has units on backorder -> when it took them: the part's
+        creation for a hold, the moment of its direct deduction for a line sold without one."""
         queues: dict[SkuKey, dict[str, int]] = {}
         for part in self.parts:
             for line in part.lines:
                 if part.backordered(line):
-                    queues.setdefault((part.tenant, line.sku), {})[part.reservation_id] = part.created_at
+                    at = line.sold_at if part.status == "confirmed" and line.sold_at else part.created_at
+                    queues.setdefault((part.tenant, line.sku), {})[part.reservation_id] = at
         return queues
 
 
@@ -184,6 +193,10 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
             lines_of.setdefault(row["reservation_id"], []).append(row)
         ids = [rid for (rid, shard) in by_part if shard in wanted]
         docs = {r["id"]: r for r in await conn.fetch(LOAD_DOCS, ids)}
+        sold = [r["reservation_id"] for r in line_rows if r["status"] == "confirmed" and r["backordered"] > 0]
+        sold_at = (
+            {(r["reservation_id"], r["sku"]): r["at_ms"] for r in await conn.fetch(LOAD_SOLD_AT, sold)} if sold else {}
+        )
 
     for row in sku_rows:
         shard = keys.shard_of(row["tenant"], row["sku"])
@@ -216,6 +229,8 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
         part = _part(rid, shard, rows, docs.get(rid))
         if part is None:
             continue
+        for line in part.lines:
+            line.sold_at = sold_at.get((rid, line.sku))
         if home_shard_of(rid, keys.shard_count) == shard:
             part.doc = _doc(docs.get(rid), lines_of[rid], part.user_id)
         images[shard].parts.append(part)

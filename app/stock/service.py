@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -504,7 +504,9 @@ class StockService:
             for part in reversed(undo):
                 await self._call_part("revert_confirm", tenant, rid, part, [rid, now])
             raise
-        return _to_reservation(loaded, [ReservationStatus.CONFIRMED])
+        # a direct deduction may have taken units on backorder: the answer says so, as later reads do
+        backorders = await self._backorders(tenant, rid, loaded.parts)
+        return _to_reservation(replace(loaded, backorders=backorders), [ReservationStatus.CONFIRMED])
 
     async def _write_through(self, loaded: _Loaded, emitted: list[tuple[int, str, str]]) -> None:
         """Makes the confirmation durable: the events each part's confirm emitted (read back by id, one
@@ -549,7 +551,9 @@ class StockService:
             statuses.append(reply[1])
         if self.sold_out is not None:
             self.sold_out.forget(loaded.tenant, [item.sku for item in loaded.items])
-        return _to_reservation(loaded, statuses)
+        # released lines gave their backordered units back: the answer says so, as later reads do
+        backorders = await self._backorders(loaded.tenant, rid, loaded.parts)
+        return _to_reservation(replace(loaded, backorders=backorders), statuses)
 
     # -- internals ------------------------------------------------------------------------------------
 

@@ -82,6 +82,37 @@ async def test_lines_on_backorder_say_so_with_the_eta(client: httpx.AsyncClient)
     assert confirmed.json()["items"][0]["backordered"] == 2
 
 
+async def test_the_answers_of_confirm_and_release_say_what_is_on_backorder_after_them(
+    client: httpx.AsyncClient,
+) -> None:
+    # given an on_payment SKU with nothing on hand and a presale, and a pending reservation of 2
+    await put_sku(client, "preorder", on_hand=0, mode="on_payment", presale=presale(5))
+    pending = await reserve(client, "ann", ("preorder", 2))
+    assert pending.status_code == 201, pending.text
+    assert pending.json()["items"][0]["backorder"] is False  # a pending line holds nothing yet
+    rid = pending.json()["id"]
+
+    # when it is paid: deducted directly, on backorder
+    confirmed = await client.post(f"/v1/reservations/{rid}/confirm")
+
+    # then the 200 tells the checkout so, with the ETA, as every later read does
+    assert confirmed.status_code == 200, confirmed.text
+    line = {"sku": "preorder", "quantity": 2, "backorder": True, "backordered": 2, "eta": ETA_OUT}
+    assert confirmed.json()["items"] == [line]
+    assert (await client.get(f"/v1/reservations/{rid}")).json()["items"] == [line]
+
+    # and given a hold on backorder, when it is released, the answer says nothing is on backorder any more
+    await put_sku(client, "held-ahead", on_hand=0, presale=presale(5))
+    held = await reserve(client, "bob", ("held-ahead", 3))
+    assert held.status_code == 201, held.text
+    assert held.json()["items"][0]["backordered"] == 3
+    released = await client.post(f"/v1/reservations/{held.json()['id']}/release")
+    assert released.status_code == 200, released.text
+    gone = {"sku": "held-ahead", "quantity": 3, "backorder": False, "backordered": 0, "eta": None}
+    assert released.json()["items"] == [gone]
+    assert (await client.get(f"/v1/reservations/{held.json()['id']}")).json()["items"] == [gone]
+
+
 async def test_a_receipt_fills_backorders_oldest_first(client: httpx.AsyncClient) -> None:
     # given no stock on hand and three backorders of 2, 3 and 1, in that order
     await put_sku(client, "ship", on_hand=0, presale=presale(10))
@@ -238,3 +269,37 @@ async def test_backorders_come_back_from_postgresql_and_reconcile_watches_them(
     await redis.hset(keys.sku(shard, TENANT, "pre"), "backordered", 5)
     drift = await compare(redis, pg, keys)
     assert [(d.sku, d.field, d.redis, d.postgres) for d in drift] == [("pre", "backordered", "5", "1")]
+
+
+async def test_a_rebuild_keeps_the_order_lines_went_on_backorder_in(
+    client: httpx.AsyncClient, redis: Redis, pg: asyncpg.Pool, keys: KeySpace
+) -> None:
+    # given a pending reservation (on_payment) made first, then a hold on backorder once the SKU holds,
+    # then the pending one paid: deducted directly, on backorder after the hold
+    await put_sku(client, "late", on_hand=0, mode="on_payment", presale=presale(5))
+    paid_later = (await reserve(client, "ann", ("late", 2))).json()["id"]
+    await asyncio.sleep(0.01)
+    await put_sku(client, "late", on_hand=0, mode="pre_reserve", presale=presale(5))
+    held_first = (await reserve(client, "bob", ("late", 2))).json()["id"]
+    await asyncio.sleep(0.01)
+    assert (await client.post(f"/v1/reservations/{paid_later}/confirm")).status_code == 200
+    shard = keys.shard_of(TENANT, "late")
+    queue = keys.backorder_queue(shard, TENANT, "late")
+    assert await redis.zrange(queue, 0, -1) == [held_first, paid_later]
+
+    # when Redis loses the shard and it is rebuilt from PostgreSQL
+    rebuilder = Rebuilder(redis, pg, keys)
+    await rebuilder.drain(list(keys.all_shards()))
+    names = [k async for k in redis.scan_iter(match=keys.shard_pattern(shard)) if not k.endswith(":events")]
+    await redis.delete(*names)
+    assert await rebuilder.rebuild([shard]) == [shard]
+
+    # then the hold is still ahead of the later sale, and a receipt of 2 fills it, not the sale
+    assert await redis.zrange(queue, 0, -1) == [held_first, paid_later]
+    assert (await receive(client, "late", 2)).status_code == 200
+    held = (await client.get(f"/v1/reservations/{held_first}")).json()["items"][0]
+    sold = (await client.get(f"/v1/reservations/{paid_later}")).json()["items"][0]
+    assert ((held["backorder"], held["backordered"]), (sold["backorder"], sold["backordered"])) == (
+        (False, 0),
+        (True, 2),
+    )
