@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_validator
 
 from app.webhooks.rules import WebhookEventType
 
@@ -32,7 +32,9 @@ def _check_url(url: str) -> str:
 
 
 WebhookUrl = Annotated[str, Field(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_check_url)]
-Events = Annotated[list[WebhookEventType], Field(min_length=1, max_length=len(WebhookEventType))]
+# a JSON string becomes the enum (strict mode would want the enum itself)
+EventName = Annotated[WebhookEventType, Strict(False)]
+Events = Annotated[list[EventName], Field(min_length=1, max_length=len(WebhookEventType))]
 Description = Annotated[str, Field(max_length=500)]
 
 
@@ -42,7 +44,6 @@ def _distinct(events: list[WebhookEventType] | None) -> None:
 
 
 class _Body(BaseModel):
-    # strict, except that event type names (JSON strings) become the enum
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -50,7 +51,7 @@ class WebhookCreate(_Body):
     """POST /v1/webhooks."""
 
     url: WebhookUrl
-    events: Events = Field(strict=False)
+    events: Events
     description: Description | None = None
 
     @model_validator(mode="after")
@@ -63,7 +64,7 @@ class WebhookUpdate(_Body):
     """PATCH /v1/webhooks/{id}: the fields given change, the others stay."""
 
     url: WebhookUrl | None = None
-    events: Events | None = Field(default=None, strict=False)
+    events: Events | None = None
     description: Description | None = None
     active: bool | None = None
 
