@@ -316,7 +316,7 @@ async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_rout
         "description": doc["components"]["securitySchemes"]["ApiKey"]["description"],
     }
     v1 = [(path, op) for path, ops in doc["paths"].items() if path.startswith("/v1/") for op in ops.values()]
-    assert len(v1) == 9  # skus: put, adjust, get; listings: put, get; reservations: 4
+    assert len(v1) == 9 + 8  # skus: put, adjust, get; listings: put, get; reservations: 4; webhooks: 6, alerts: 2
     for path, op in v1:
         assert op.get("security") == [{"ApiKey": []}], path
         assert {"401", "403"} <= op["responses"].keys(), path
