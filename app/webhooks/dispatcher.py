@@ -66,6 +66,16 @@ RETURNING id
 """
 
 
+async def drop_groups(redis: Redis, keys: KeySpace) -> int:
+    """Destroys the webhook group on every shard stream (webhooks turned off for good): trimming stops
+    waiting for it. Entries it had not recorded are never turned into webhooks. Returns groups destroyed."""
+    dropped = 0
+    for shard in keys.all_shards():
+        with contextlib.suppress(ResponseError):  # no such stream
+            dropped += int(await redis.xgroup_destroy(keys.events(shard), GROUP))
+    return dropped
+
+
 class WebhookDispatcher:
     def __init__(
         self,

@@ -41,27 +41,35 @@ FAST_ENV = {
 }
 
 
+def _start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:  # a file, not a pipe: an unread pipe fills up and blocks the server
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log(log_path: Path) -> str:
+    return log_path.read_text()
+
+
 @asynccontextmanager
 async def serve(env: dict[str, str], log_path: Path, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
     """`stockhold serve --workers 1` (one process) on `port`, once /readyz answers; stopped by its PID."""
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "1"]
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            async with httpx.AsyncClient() as http:
-                while True:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/readyz", timeout=1)).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    assert proc.poll() is None, log_path.read_text()
-                    assert time.monotonic() < deadline, log_path.read_text()
-                    await asyncio.sleep(0.2)
-            yield proc
-        finally:
-            stop_process(proc, timeout_s=15)
+    proc = _start(cmd, env, log_path)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while True:
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}/readyz", timeout=1)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, _log(log_path)
+                assert time.monotonic() < deadline, _log(log_path)
+                await asyncio.sleep(0.2)
+        yield proc
+    finally:
+        stop_process(proc, timeout_s=15)
 
 
 async def reserve_two_shards(http: httpx.AsyncClient, name: str, ttl: int) -> str:

@@ -5,6 +5,9 @@ crashed dispatcher's entries taken over."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from asyncio.subprocess import PIPE
 
 import asyncpg
 from redis.asyncio import Redis
@@ -16,6 +19,8 @@ from app.webhooks.rules import WebhookEventType
 from app.webhooks.schemas import WebhookCreate
 from app.webhooks.store import WebhookStore
 from app.worker.backlog import trim_persisted
+from tests.conftest import Servers
+from tests.processes import REPO
 from tests.webhooks.conftest import add_event
 
 SOLD_OUT = {"av0": 1, "av": 0, "bo": 0}
@@ -167,3 +172,27 @@ async def test_a_group_lost_with_redis_is_created_again(redis: Redis, wh_pg: asy
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=5)
+
+
+async def test_webhooks_detach_drops_the_group_so_trimming_no_longer_waits_for_it(
+    servers: Servers, redis: Redis, wh_pg: asyncpg.Pool, keys: KeySpace
+) -> None:
+    # given the group left behind by processes that ran webhooks, and entries it never read
+    await WebhookDispatcher(redis, wh_pg, keys, "c1").ensure_groups()
+    for _ in range(3):
+        await add_event(redis, keys, 8, **SOLD_OUT)
+    await redis.xgroup_create(keys.events(8), "stockhold-writer", id="$")  # a caught-up writer group beside it
+    assert await trim_persisted(redis, keys) == 0  # held back by the webhook group
+
+    # when the operator detaches it
+    env = {**os.environ, "REDIS_URL": servers.redis_url, "DATABASE_URL": servers.database_url, "STOCKHOLD_SHARDS": "16"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "webhooks-detach", env=env, cwd=REPO, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+
+    # then the group is gone from every stream and the entries can be trimmed
+    assert proc.returncode == 0, err.decode()
+    assert "destroyed on 16 shard stream(s)" in out.decode()
+    assert all(g["name"] != GROUP for g in await redis.xinfo_groups(keys.events(8)))
+    assert await trim_persisted(redis, keys) == 3
