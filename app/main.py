@@ -1,7 +1,8 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
 scripts, rebuilds any shard that lost its data (recovery before serving), and starts the expiry sweeper,
 the readiness watch, the API key epoch refresh, the sold-out fast path's refresh (and, unless
-STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker); routes stay thin and translate domain errors to
+STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker; unless STOCKHOLD_WEBHOOKS=false, the webhook
+dispatcher and sender); routes stay thin and translate domain errors to
 problem+json. The per-IP rate limit stands in front of everything under /v1 (app/api/client_limits.py), the
 reserve hot path included."""
 
