@@ -18,7 +18,7 @@ from app.webhooks.dispatcher import GROUP, WebhookDispatcher
 from app.webhooks.rules import WebhookEventType
 from app.webhooks.schemas import WebhookCreate
 from app.webhooks.store import WebhookStore
-from app.worker.backlog import trim_persisted
+from app.worker.backlog import PERSISTING_GROUP, read_backlog, trim_persisted
 from tests.conftest import Servers
 from tests.processes import REPO
 from tests.webhooks.conftest import add_event
@@ -69,12 +69,14 @@ async def test_without_webhooks_entries_are_acknowledged_at_once_and_trimming_go
     await d.ensure_groups()
     for i in range(50):
         await add_event(redis, keys, i % 3, **SOLD_OUT)
+    for shard in range(3):  # and a write-behind group that has persisted them all
+        await redis.xgroup_create(keys.events(shard), PERSISTING_GROUP, id="$")
+    assert await trim_persisted(redis, keys) == 0  # the webhook group has not read them yet
 
     await drain(d)
 
     for shard in range(3):
         assert (await redis.xpending(keys.events(shard), GROUP))["pending"] == 0
-    # the webhook group is the only group here: trimming removes everything it read
     assert await trim_persisted(redis, keys) == 50
     assert await wh_pg.fetchval("SELECT count(*) FROM webhook_event") == 0  # nothing subscribed: nothing kept
 
@@ -181,7 +183,7 @@ async def test_webhooks_detach_drops_the_group_so_trimming_no_longer_waits_for_i
     await WebhookDispatcher(redis, wh_pg, keys, "c1").ensure_groups()
     for _ in range(3):
         await add_event(redis, keys, 8, **SOLD_OUT)
-    await redis.xgroup_create(keys.events(8), "stockhold-writer", id="$")  # a caught-up writer group beside it
+    await redis.xgroup_create(keys.events(8), PERSISTING_GROUP, id="$")  # a caught-up writer group beside it
     assert await trim_persisted(redis, keys) == 0  # held back by the webhook group
 
     # when the operator detaches it
@@ -196,3 +198,21 @@ async def test_webhooks_detach_drops_the_group_so_trimming_no_longer_waits_for_i
     assert "destroyed on 16 shard stream(s)" in out.decode()
     assert all(g["name"] != GROUP for g in await redis.xinfo_groups(keys.events(8)))
     assert await trim_persisted(redis, keys) == 3
+
+
+async def test_the_webhook_group_neither_counts_as_persisting_nor_lets_a_stream_be_trimmed_alone(
+    redis: Redis, wh_pg: asyncpg.Pool, keys: KeySpace
+) -> None:
+    # given events no write-behind worker has read, which the webhook dispatcher has handled
+    d = WebhookDispatcher(redis, wh_pg, keys, "c1", block_ms=10)
+    await d.ensure_groups()
+    for _ in range(4):
+        await add_event(redis, keys, 9, **SOLD_OUT)
+    await drain(d)
+
+    # then they still wait for PostgreSQL, and trimming keeps them
+    shard = (await read_backlog(redis, keys))[9]
+    assert (shard.undelivered, shard.pending, shard.floor) == (4, 0, None)
+    assert shard.oldest_unpersisted_ms is not None
+    assert await trim_persisted(redis, keys) == 0
+    assert await redis.xlen(keys.events(9)) == 4
