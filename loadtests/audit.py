@@ -109,6 +109,9 @@ async def read_service(http: httpx.AsyncClient, skus: Iterable[str]) -> dict[str
         response.raise_for_status()
         body = response.json()
         states[sku] = {c: int(body[c]) for c in COUNTERS}
+        # a presale lets held + sold pass on_hand by the units on backorder, within its cap
+        presale = body.get("presale") or {}
+        states[sku] |= {"backordered": int(body.get("backordered", 0)), "presale_cap": int(presale.get("cap", 0))}
     return states
 
 
@@ -216,11 +219,12 @@ async def redis_drift(redis_url: str, pg: asyncpg.Pool, shards: int, tenant: str
 def oversells(snapshot: Snapshot) -> list[str]:
     found = []
     for sku, s in snapshot.service.items():
-        cap = s["on_hand"] - s["safety_stock"]
-        if s["held"] + s["sold"] > cap:
+        presale = s.get("presale_cap", 0)  # invariant 1 with presale: see read_service
+        cap = s["on_hand"] - s["safety_stock"] + presale
+        if s["held"] + s["sold"] > cap or s.get("backordered", 0) > presale:
             found.append(f"{sku}: service held {s['held']} + sold {s['sold']} > {cap}")
         row, lines = snapshot.rows.get(sku), snapshot.lines.get(sku)
-        if row and lines and lines["held"] + lines["sold"] > row["on_hand"] - row["safety_stock"]:
+        if row and lines and lines["held"] + lines["sold"] > row["on_hand"] - row["safety_stock"] + presale:
             found.append(f"{sku}: PostgreSQL lines held {lines['held']} + sold {lines['sold']} > {cap}")
     return found
 

@@ -5,15 +5,18 @@
     expiring it and deducting the same units again) moves its held units to sold; its on_payment lines
     are deducted from available stock now.
   - An expired or pending part is confirmed only if every line is available *right now*, deducted
-    directly with no new hold: paying after expiry never restarts a hold.
+    directly with no new hold: paying after expiry never restarts a hold. A direct deduction takes
+    stock on hand first, then what the SKU's open presale allows, on backorder (as reserve.lua does).
+  - A line's backordered units stay backordered when it is sold: receipts fill them.
   - Confirming a confirmed part answers ALREADY; a released part is refused.
 
-  Input (variable key count: 4 + 2 per line):
+  Input (variable key count: 4 + 3 per line):
     KEYS[1]     the reservation's part on this shard     sh:{s}:res:<id>
     KEYS[2]     shard expiry index                       sh:{s}:expiry
     KEYS[3]     shard event stream                       sh:{s}:events
     KEYS[2+2i]  line i's SKU hash;  KEYS[3+2i] line i's per-user units hash
-    KEYS[4+2n]  shard ready marker                       sh:{s}:ready (the last key)
+    KEYS[3+2n+i] line i's backorder queue                sh:{s}:boq:<tenant>:<sku>
+    KEYS[4+3n]  shard ready marker                       sh:{s}:ready (the last key)
 
     ARGV[1] reservation id
     ARGV[2] now, ms since the epoch
@@ -72,11 +75,15 @@ for i = 1, n do
         limit_error = {-3, i, l.s.limit, units}
       end
     end
-    local free = available(l.s.on_hand, l.s.safety, l.s.held, l.s.sold)
+    local on_hand = on_hand_free(l.s)
+    local free = on_hand + presale_free(l.s, now)
     if l.qty > free then
       short[#short + 1] = i
       short[#short + 1] = free
     end
+    l.bo = math.max(0, l.qty - on_hand)
+  else
+    l.bo = num(redis.call('HGET', part, 'b:' .. l.sku))
   end
 end
 if limit_error then
@@ -90,20 +97,23 @@ end
 local how = from_hold and 'h' or 'd'
 local first, last
 for i = 1, n do
-  local l = lines[i]
-  local held, sold
+  local l, s = lines[i], lines[i].s
+  local av0, kind = available(s, now), 'confirmed'
   if l.direct then
-    held = l.s.held
-    sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
+    kind = 'sold'
+    s.sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
     add_user_units(l.user_key, user, l.qty)
-    last = emit(stream, 'sold', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now,
-      'st', 'confirmed', 'pst', st, 'cf', how)
+    if l.bo > 0 then
+      s.bo = redis.call('HINCRBY', l.sku_key, 'backordered', l.bo)
+      redis.call('ZADD', KEYS[3 + 2 * n + i], now, id)
+      redis.call('HSET', part, 'b:' .. l.sku, l.bo)
+    end
   else
-    held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
-    sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
-    last = emit(stream, 'confirmed', tenant, l.sku, l.qty, id, user, l.s.on_hand, held, sold, now,
-      'st', 'confirmed', 'pst', st, 'cf', how)
+    s.held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
+    s.sold = redis.call('HINCRBY', l.sku_key, 'sold', l.qty)
   end
+  last = emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
+    available(s, now), now, 'st', 'confirmed', 'pst', st, 'cf', how, 'lbo', l.bo)
   first = first or last
 end
 redis.call('HSET', part, 'st', 'confirmed', 'pst', st, 'cf', how, 'ce', first .. ' ' .. last)

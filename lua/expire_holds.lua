@@ -8,14 +8,16 @@
   between, or expired by another sweeper, is left alone. Index entries whose part is gone or no longer
   held are removed. The batch size bounds how long one call blocks Redis.
 
+  An expired held line's backordered units leave the SKU's backordered count and its backorder queue.
   An expired held line of a SKU with a hold cooldown counts as a lapse of the user's
   (includes/policy.lua).
 
-  Input (variable key count: 2 + per reservation (1 + 3 per line) + 1):
+  Input (variable key count: 2 + per reservation (1 + 4 per line) + 1):
     KEYS[1]   shard expiry index              sh:{s}:expiry
     KEYS[2]   shard event stream              sh:{s}:events
     then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash,
-              then each line's hoarding record (sh:{s}:lapses:<tenant>:<sku>)
+              then each line's hoarding record (sh:{s}:lapses:<tenant>:<sku>), then each line's
+              backorder queue (sh:{s}:boq:<tenant>:<sku>)
     last      shard ready marker              sh:{s}:ready
 
     ARGV[1]   now, ms since the epoch
@@ -52,16 +54,20 @@ for _ = 1, count do
     for i = 1, n do
       local sku = ARGV[a + 1 + i]
       local sku_key, user_key = KEYS[k + 2 * i - 1], KEYS[k + 2 * i]
-      local line = redis.call('HMGET', part, 'q:' .. sku, 'h:' .. sku)
+      local line = redis.call('HMGET', part, 'q:' .. sku, 'h:' .. sku, 'b:' .. sku)
       local qty = tonumber(line[1])
       local s = read_sku(sku_key)
+      local av0 = available(s, now)
       if st == 'held' and line[2] == '1' then
-        local held = redis.call('HINCRBY', sku_key, 'held', -qty)
+        s.held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
-        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, held, s.sold, now, 'st', 'expired')
+        s.bo = drop_backorder(sku_key, KEYS[k + 3 * n + i], part, sku, id, num(line[3])) or s.bo
+        emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
+          available(s, now), now, 'st', 'expired', 'lbo', 0)
         record_lapse(sku_key, KEYS[k + 2 * n + i], user, now)
       else
-        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, now, 'st', 'expired')
+        emit(stream, 'lapsed', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, av0, now,
+          'st', 'expired', 'lbo', 0)
       end
     end
     redis.call('HSET', part, 'st', 'expired')
@@ -74,6 +80,6 @@ for _ = 1, count do
     skipped = skipped + 1
   end
   a = a + 2 + n
-  k = k + 1 + 3 * n
+  k = k + 1 + 4 * n
 end
 return {expired, skipped}

@@ -6,16 +6,19 @@
   reservation spanning shards whose reserve failed on a later shard, leaving this shard exactly as it
   was before the reserve (counters, per-user units, expiry index).
 
+  A released held line's backordered units leave the SKU's backordered count and its backorder queue.
+
   A released held line of a SKU with a hold cooldown counts as a lapse of the user's (includes/policy.lua);
   an undo does not (the user never had the hold).
 
-  Input (variable key count: 4 + 3 per line):
+  Input (variable key count: 4 + 4 per line):
     KEYS[1]     the reservation's part on this shard     sh:{s}:res:<id>
     KEYS[2]     shard expiry index                       sh:{s}:expiry
     KEYS[3]     shard event stream                       sh:{s}:events
     KEYS[2+2i]  line i's SKU hash;  KEYS[3+2i] line i's per-user units hash
     KEYS[3+2n+i] line i's hoarding record                sh:{s}:lapses:<tenant>:<sku>
-    KEYS[4+3n]  shard ready marker                       sh:{s}:ready (the last key)
+    KEYS[3+3n+i] line i's backorder queue                sh:{s}:boq:<tenant>:<sku>
+    KEYS[4+4n]  shard ready marker                       sh:{s}:ready (the last key)
 
     ARGV[1] reservation id
     ARGV[2] now, ms since the epoch
@@ -62,16 +65,21 @@ local kind = how == 'undo' and 'undone' or 'released'
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
+  local av0 = available(s, now)
   if st == 'held' and l.held then
-    local held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
+    s.held = redis.call('HINCRBY', l.sku_key, 'held', -l.qty)
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, held, s.sold, now, 'st', kind)
+    local bo = num(redis.call('HGET', part, 'b:' .. l.sku))
+    s.bo = drop_backorder(l.sku_key, KEYS[3 + 3 * n + i], part, l.sku, id, bo) or s.bo
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
+      now, 'st', kind, 'lbo', 0)
     if how ~= 'undo' then
       record_lapse(l.sku_key, KEYS[3 + 2 * n + i], user, now)
     end
   else
     -- the line held nothing (on_payment, or the part was pending or expired): no counter moves
-    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, now, 'st', kind)
+    emit(stream, 'cancelled', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, av0, now,
+      'st', kind, 'lbo', 0)
   end
 end
 redis.call('ZREM', expiry, id)

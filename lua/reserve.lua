@@ -2,18 +2,23 @@
   Reserves every line of one reservation that lives on this shard, all-or-nothing.
 
   Checks every line first (SKU exists, the SKU's purchase policy: max_per_order, eligibility, hold
-  cooldown, per-user limit; then stock), then applies them all: a refused call changes nothing. A line whose SKU is in mode on_payment holds nothing (it is deducted at confirm);
-  pre_reserve and on_order lines are held. Re-running with an id that already has a part here returns
-  ALREADY and changes nothing, which makes retries after a crash safe.
+  cooldown, per-user limit; then stock), then applies them all: a refused call changes nothing. A line
+  whose SKU is in mode on_payment holds nothing (it is deducted at confirm); pre_reserve and on_order
+  lines are held. A held line takes stock on hand first; what on hand cannot cover it takes on backorder,
+  within the SKU's open presale (cap less the units already backordered): those units are counted in the
+  SKU's `backordered`, kept on the part as `b:<sku>` and queued (oldest first) for receipts to fill.
+  Re-running with an id that already has a part here returns ALREADY and changes nothing, which makes
+  retries after a crash safe.
 
-  Input (variable key count: 4 + 3 per line):
+  Input (variable key count: 4 + 4 per line):
     KEYS[1]       this reservation's part on the shard   sh:{s}:res:<id>
     KEYS[2]       shard expiry index                     sh:{s}:expiry
     KEYS[3]       shard event stream                     sh:{s}:events
     KEYS[2+2i]    line i's SKU hash                      sh:{s}:sku:<tenant>:<sku>
     KEYS[3+2i]    line i's per-user units hash           sh:{s}:usr:<tenant>:<sku>
     KEYS[3+2n+i]  line i's hoarding record (read only)   sh:{s}:lapses:<tenant>:<sku>
-    KEYS[4+3n]    shard ready marker (the last key)      sh:{s}:ready
+    KEYS[3+3n+i]  line i's backorder queue               sh:{s}:boq:<tenant>:<sku>
+    KEYS[4+4n]    shard ready marker (the last key)      sh:{s}:ready
 
     ARGV[1] reservation id
     ARGV[2] tenant
@@ -30,8 +35,10 @@
             ('' when the checkout did not send it), for eligibility rules
 
   Output:
-    {0, status, deadline}        status 'held' or 'pending' (every line on_payment); events 'held' /
-                                 'pending' per line; deadline in ms, 0 for none
+    {0, status, deadline, b1, eta1, ..., bn, etan}
+                                 status 'held' or 'pending' (every line on_payment); events 'held' /
+                                 'pending' per line; deadline in ms, 0 for none; bi the units of line i
+                                 taken on backorder and etai its SKU's presale ETA (ms; 0 when bi = 0)
     {1, status, deadline}        ALREADY: the part exists (status is its current one)
     {-1, i}                      SKU_NOT_FOUND: line i
     {-3, i, limit, units}        LIMIT_EXCEEDED: line i; the user already has `units` of `limit`
@@ -42,6 +49,7 @@
                                  new hold before `until` (ms)
                                  Policy refusals come before stock; the first refused line wins.
     {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
+                                 (on hand and on backorder)
     {-9, i}                      DUPLICATE_LINE: line i names a SKU an earlier line named (lines must be
                                  distinct; the API refuses such requests before they get here)
     {-10}                        NOT_READY: the shard awaits a rebuild; nothing changed
@@ -98,12 +106,17 @@ for i = 1, n do
       refusal = {-3, i, s.limit, units}
     end
   end
-  local free = available(s.on_hand, s.safety, s.held, s.sold)
+  local on_hand = on_hand_free(s)
+  local free = on_hand + presale_free(s, now)
   if qty > free then
     short[#short + 1] = i
     short[#short + 1] = free
   end
-  lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s}
+  local bo = 0
+  if s.mode ~= 'on_payment' and qty > on_hand then
+    bo = qty - on_hand
+  end
+  lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s, bo = bo}
 end
 if refusal then
   return refusal
@@ -134,21 +147,29 @@ if shared > 0 and (deadline == 0 or shared < deadline) then
 end
 
 local doc = ARGV[6]  -- '' on a part that is not the reservation's home
+local reply = {0, status, deadline}
 for i = 1, n do
-  local l = lines[i]
-  local kind, held = 'pending', l.s.held
-  if l.s.mode ~= 'on_payment' then
+  local l, s = lines[i], lines[i].s
+  local kind, av0, eta = 'pending', available(s, now), 0
+  if s.mode ~= 'on_payment' then
     kind = 'held'
-    held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
+    s.held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
     add_user_units(l.user_key, user, l.qty)
+    if l.bo > 0 then
+      s.bo = redis.call('HINCRBY', l.sku_key, 'backordered', l.bo)
+      redis.call('ZADD', KEYS[3 + 3 * n + i], now, id)
+      eta = num(redis.call('HGET', l.sku_key, 'presale_eta'))
+    end
   end
   if i == 1 and doc ~= '' then
-    emit(stream, kind, tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now,
-      'st', status, 'exp', deadline, 'doc', doc)
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
+      now, 'st', status, 'exp', deadline, 'lbo', l.bo, 'doc', doc)
   else
-    emit(stream, kind, tenant, l.sku, l.qty, id, user, l.s.on_hand, held, l.s.sold, now,
-      'st', status, 'exp', deadline)
+    emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
+      now, 'st', status, 'exp', deadline, 'lbo', l.bo)
   end
+  reply[#reply + 1] = l.bo
+  reply[#reply + 1] = eta
 end
 local first = lines[1]
 local first_held = first.s.mode ~= 'on_payment' and 1 or 0
@@ -163,9 +184,14 @@ for i = 2, n do
   local l = lines[i]
   redis.call('HSET', part, 'q:' .. l.sku, l.qty, 'h:' .. l.sku, l.s.mode ~= 'on_payment' and 1 or 0)
 end
+for i = 1, n do
+  if lines[i].bo > 0 then
+    redis.call('HSET', part, 'b:' .. lines[i].sku, lines[i].bo)
+  end
+end
 if deadline > 0 then
   -- a pending part (only on_payment lines) of a reservation that has a deadline expires with it,
   -- so the whole reservation is expired at once: releasing it then changes nothing anywhere
   redis.call('ZADD', expiry, deadline, id)
 end
-return {0, status, deadline}
+return reply

@@ -3,10 +3,11 @@
   shard's confirm exactly, leaving counters and per-user units as they were before it.
 
   A part confirmed from a hold goes back to held (re-entering the expiry index; the sweeper expires it
-  if its deadline has passed). A part confirmed by direct deduction goes back to its previous status
-  (expired or pending) and returns the units.
+  if its deadline has passed; its backordered units stay backordered). A part confirmed by direct
+  deduction goes back to its previous status (expired or pending) and returns the units, those it took
+  on backorder included.
 
-  Input (variable key count: 4 + 2 per line, the ready marker last): as confirm.lua.
+  Input (variable key count: 4 + 3 per line, the ready marker last): as confirm.lua.
     ARGV[1] reservation id; ARGV[2] now (ms); ARGV[3] number of lines n; ARGV[3+i] line i's sku
 
   Output:
@@ -42,13 +43,18 @@ end
 for i = 1, n do
   local l = lines[i]
   local s = read_sku(l.sku_key)
-  local sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
+  local av0 = available(s, now)
+  local bo = num(redis.call('HGET', part, 'b:' .. l.sku))
+  s.sold = redis.call('HINCRBY', l.sku_key, 'sold', -l.qty)
   if how == 'h' and l.held then
-    local held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
-    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, held, sold, now, 'st', previous)
+    s.held = redis.call('HINCRBY', l.sku_key, 'held', l.qty)
+    emit(stream, 'unconfirmed', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
+      available(s, now), now, 'st', previous, 'lbo', bo)
   else
     add_user_units(l.user_key, user, -l.qty)
-    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, sold, now, 'st', previous)
+    s.bo = drop_backorder(l.sku_key, KEYS[3 + 2 * n + i], part, l.sku, id, bo) or s.bo
+    emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
+      available(s, now), now, 'st', previous, 'lbo', 0)
   end
 end
 redis.call('HSET', part, 'st', previous)

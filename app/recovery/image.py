@@ -4,11 +4,13 @@ reconcile compares Redis against.
 Counters are recomputed from the reservations rather than copied from the last event's "after" values:
 ``held`` is the sum of the held lines of held parts, ``sold`` of the lines of confirmed parts, and each
 user's units likewise, so a hold whose events never reached PostgreSQL cannot leave units held forever.
-``on_hand`` and the settings are the SKU row's (the newest persisted event's).
+``backordered`` is the sum of those lines' backordered units. ``on_hand`` and the settings, the presale's
+included, are the SKU row's (the newest persisted event's).
 
 A rebuilt shard must keep invariant 1. A hold persisted as live whose release was lost with Redis could
-push ``held + sold`` above ``on_hand - safety_stock``; confirmed sales are facts, holds are not, so the
-newest such holds are dropped (expired, with their events) until every SKU fits.
+push what is promised from stock on hand (``held + sold - backordered``) above ``on_hand - safety_stock``,
+or the backordered units above the presale's cap; confirmed sales are facts, holds are not, so the newest
+such holds are dropped (expired, with their events) until every SKU fits.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import orjson
 
 from app.stock.keys import KeySpace
 from app.stock.policy import POLICY_FIELDS
+from app.stock.presale import PRESALE_FIELDS
 from app.stock.reservation_ids import home_shard_of
 
 SkuKey = tuple[str, str]  # (tenant, sku)
 
 LOAD_SKUS = """
-SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit, policy FROM sku
+SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit, policy, presale FROM sku
 """
 LOAD_LISTINGS = "SELECT tenant, listing, components::text AS components FROM listing"
 LOAD_LINES = """
 SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, status_before, confirmed_how,
-       expires_at_ms, created_at_ms, event_ms, event_seq
+       expires_at_ms, created_at_ms, event_ms, event_seq, backordered
 FROM reservation_line
 """
 LOAD_DOCS = """
@@ -52,12 +55,24 @@ class SkuImage:
     hold_ttl_seconds: int
     per_user_limit: int  # 0: none
     policy: dict[str, int] = field(default_factory=dict)  # POLICY_FIELDS, 0 = rule off
+    presale_cap: int = 0  # 0: no presale
+    presale_eta: int = 0
+    presale_ends_at: int = 0
     held: int = 0
     sold: int = 0
+    backordered: int = 0
 
     @property
     def cap(self) -> int:
         return self.on_hand - self.safety_stock
+
+    @property
+    def from_on_hand(self) -> int:
+        """Units promised from stock on hand (invariant 1: at most ``cap``)."""
+        return self.held + self.sold - self.backordered
+
+    def fits(self) -> bool:
+        return self.from_on_hand <= self.cap and self.backordered <= self.presale_cap
 
 
 @dataclass
@@ -65,6 +80,7 @@ class LineImage:
     sku: str
     quantity: int
     held: bool
+    backordered: int = 0  # units on backorder while the line holds or is sold
 
 
 @dataclass
@@ -82,13 +98,16 @@ class PartImage:
     doc: str | None = None  # on the home part only
     dropped: bool = False  # expired by the rebuild to restore invariant 1
 
-    def units(self, line: LineImage) -> tuple[int, int, int]:
-        """What the line counts for while the part is in its status: (held, sold, user units)."""
+    def units(self, line: LineImage) -> tuple[int, int, int, int]:
+        """What the line counts for while the part is in its status: (held, sold, user units, backordered)."""
         if self.status == "held" and line.held:
-            return line.quantity, 0, line.quantity
+            return line.quantity, 0, line.quantity, line.backordered
         if self.status == "confirmed":
-            return 0, line.quantity, line.quantity
-        return 0, 0, 0
+            return 0, line.quantity, line.quantity, line.backordered
+        return 0, 0, 0, 0
+
+    def backordered(self, line: LineImage) -> int:
+        return self.units(line)[3]
 
 
 @dataclass
@@ -103,12 +122,28 @@ class ShardImage:
     def expiry(self) -> dict[str, int]:
         return {p.reservation_id: p.deadline for p in self.parts if p.status in ("held", "pending") and p.deadline > 0}
 
+    def backorder_queues(self) -> dict[SkuKey, dict[str, int]]:
+        """Per SKU, the reservations whose line has units on backorder -> when it took them (the part's
+        creation: a direct deduction's own moment is not persisted, and it only ever follows a lapse)."""
+        queues: dict[SkuKey, dict[str, int]] = {}
+        for part in self.parts:
+            for line in part.lines:
+                if part.backordered(line):
+                    queues.setdefault((part.tenant, line.sku), {})[part.reservation_id] = part.created_at
+        return queues
+
 
 def _policy(stored: str | dict[str, object]) -> dict[str, int]:
     """The policy's POLICY_FIELDS from the sku.policy column (asyncpg hands jsonb over as text); a field
     missing (a SKU from before the rule existed) is 0: off."""
     values = orjson.loads(stored) if isinstance(stored, str) else stored
     return {f: int(str(values.get(f) or 0)) for f in POLICY_FIELDS}
+
+
+def _presale(stored: str | dict[str, object] | None) -> dict[str, int]:
+    """The presale's PRESALE_FIELDS from the sku.presale column (NULL: none, every field 0)."""
+    values = (orjson.loads(stored) if isinstance(stored, str) else stored) or {}
+    return {f: int(str(values.get(f) or 0)) for f in PRESALE_FIELDS}
 
 
 async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -> dict[int, ShardImage]:
@@ -138,6 +173,7 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
                 row["hold_ttl_seconds"],
                 row["per_user_limit"] or 0,
                 _policy(row["policy"]),
+                **_presale(row["presale"]),
             )
     for row in listing_rows:
         shard = keys.shard_of(row["tenant"], row["listing"])
@@ -181,7 +217,10 @@ def _part(rid: str, shard: int, rows: list[asyncpg.Record], doc: asyncpg.Record 
         status=newest["status"],
         deadline=deadline,
         created_at=created,
-        lines=[LineImage(r["sku"], r["quantity"], r["held"]) for r in sorted(rows, key=lambda r: r["sku"])],
+        lines=[
+            LineImage(r["sku"], r["quantity"], r["held"], r["backordered"])
+            for r in sorted(rows, key=lambda r: r["sku"])
+        ],
         status_before=newest["status_before"],
         confirmed_how=newest["confirmed_how"],
     )
@@ -200,40 +239,55 @@ def _doc(row: asyncpg.Record | None, lines: list[asyncpg.Record], user_id: str) 
 
 def _count(image: ShardImage) -> None:
     for counted in image.skus.values():
-        counted.held = counted.sold = 0
+        counted.held = counted.sold = counted.backordered = 0
     image.users = {}
     for part in image.parts:
         for line in part.lines:
-            held, sold, units = part.units(line)
+            held, sold, units, backordered = part.units(line)
             sku = image.skus.get((part.tenant, line.sku))
             if sku is None:  # a line of a SKU whose catalogue row is missing: keep it visible as 0-stock
                 sku = SkuImage(part.tenant, line.sku, 0, 0, "pre_reserve", 900, 0)
                 image.skus[(part.tenant, line.sku)] = sku
             sku.held += held
             sku.sold += sold
+            sku.backordered += backordered
             if units:
                 per_user = image.users.setdefault((part.tenant, line.sku), {})
                 per_user[part.user_id] = per_user.get(part.user_id, 0) + units
 
 
+def _helps(line: LineImage, sku: str, state: SkuImage) -> bool:
+    """Whether dropping this held line brings the SKU nearer to fitting invariant 1."""
+    on_hand_over, cap_over = state.from_on_hand > state.cap, state.backordered > state.presale_cap
+    return (
+        line.sku == sku
+        and line.held
+        and ((on_hand_over and line.quantity > line.backordered) or (cap_over and line.backordered > 0))
+    )
+
+
 def _drop_surplus_holds(image: ShardImage) -> None:
     while True:
-        over = [k for k, s in image.skus.items() if s.held + s.sold > s.cap]
+        over = [k for k, s in image.skus.items() if not s.fits()]
         if not over:
             return
         tenant, sku = over[0]
+        state = image.skus[(tenant, sku)]
         candidates = [
             p
             for p in image.parts
-            if p.status == "held" and p.tenant == tenant and any(ln.sku == sku and ln.held for ln in p.lines)
+            if p.status == "held" and p.tenant == tenant and any(_helps(ln, sku, state) for ln in p.lines)
         ]
         if not candidates:
-            # sold alone exceeds on_hand: the catalogue row is older than the sales (its event was lost);
-            # raise on_hand to what was sold rather than report stock that does not exist as available
+            # sales alone exceed on_hand (or the presale's cap): the catalogue row is older than the sales
+            # (its event was lost); raise on_hand (the cap) to what was sold rather than report stock that
+            # does not exist as available
             short = image.skus[(tenant, sku)]
-            delta = short.sold - short.cap
-            short.on_hand += delta
-            image.raised[(tenant, sku)] = image.raised.get((tenant, sku), 0) + delta
+            if short.from_on_hand > short.cap:
+                delta = short.from_on_hand - short.cap
+                short.on_hand += delta
+                image.raised[(tenant, sku)] = image.raised.get((tenant, sku), 0) + delta
+            short.presale_cap = max(short.presale_cap, short.backordered)
             continue
         newest = max(candidates, key=lambda p: p.created_at)
         newest.status, newest.dropped = "expired", True

@@ -30,9 +30,10 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from app.recovery.image import PartImage, ShardImage, load_images
+from app.recovery.image import PartImage, ShardImage, SkuImage, load_images
 from app.stock.events import parse_entries
 from app.stock.keys import KeySpace
+from app.stock.schemas import available_units
 from app.worker.ledger import persist_events
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class Rebuilder:
                 "hold_ttl_seconds": sku.hold_ttl_seconds,
                 "per_user_limit": sku.per_user_limit,
                 **sku.policy,
+                "backordered": sku.backordered,
+                "presale_cap": sku.presale_cap,
+                "presale_eta": sku.presale_eta,
+                "presale_ends_at": sku.presale_ends_at,
             }
             commands.append(("hset", (k.sku(shard, sku.tenant, sku.sku), mapping)))
         for (tenant, sku_name), users in image.users.items():
@@ -137,6 +142,8 @@ class Rebuilder:
         expiry = image.expiry()
         if expiry:
             commands.append(("zadd", (k.expiry(shard), expiry)))
+        for (tenant, sku_name), queued in image.backorder_queues().items():
+            commands.append(("zadd", (k.backorder_queue(shard, tenant, sku_name), queued)))
         for i in range(0, len(commands), _CHUNK):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name, args in commands[i : i + _CHUNK]:
@@ -170,6 +177,8 @@ def _part_fields(part: PartImage) -> dict[str, Any]:
     for line in part.lines:
         fields[f"q:{line.sku}"] = line.quantity
         fields[f"h:{line.sku}"] = 1 if line.held else 0
+        if part.backordered(line):
+            fields[f"b:{line.sku}"] = line.backordered
     if part.doc is not None:
         fields["doc"] = part.doc
     if part.status == "confirmed":
@@ -178,61 +187,66 @@ def _part_fields(part: PartImage) -> dict[str, Any]:
     return fields
 
 
-def _rebuild_events(image: ShardImage) -> list[dict[str, Any]]:
+Event = dict[str, Any]
+
+
+def _rebuild_events(image: ShardImage) -> list[Event]:
     """Events for what the rebuild itself changed (see image.py): on_hand raised to cover sales, holds
     dropped to keep invariant 1. Counters in them run up to the image's final values."""
     now = int(time.time() * 1000)
-    events: list[dict[str, Any]] = []
-    held = {key: sku.held for key, sku in image.skus.items()}
+    events: list[Event] = []
+    # (held, backordered) per SKU, walked back to before the drops, then replayed forward
+    counts = {key: [sku.held, sku.backordered] for key, sku in image.skus.items()}
     dropped = [p for p in image.parts if p.dropped]
-    for part in dropped:  # walk back to the counters before the drops, then replay them forward
+    for part in dropped:
         for line in part.lines:
             if line.held:
-                held[(part.tenant, line.sku)] += line.quantity
+                counts[(part.tenant, line.sku)][0] += line.quantity
+                counts[(part.tenant, line.sku)][1] += line.backordered
+
+    def event(kind: str, sku: SkuImage, qty: int, on_hand_before: int, held_before: int, bo_before: int) -> Event:
+        held, bo = counts[(sku.tenant, sku.sku)]
+        return {
+            "type": kind,
+            "tenant": sku.tenant,
+            "sku": sku.sku,
+            "qty": qty,
+            "on_hand": sku.on_hand,
+            "held": held,
+            "sold": sku.sold,
+            "bo": bo,
+            "av0": _available(sku, on_hand_before, held_before, bo_before, now),
+            "av": _available(sku, sku.on_hand, held, bo, now),
+            "at": now,
+        }
+
     for (tenant, sku_name), delta in image.raised.items():
         sku = image.skus[(tenant, sku_name)]
+        held, bo = counts[(tenant, sku_name)]
         events.append(
-            _event("adjusted", sku.tenant, sku.sku, delta, "", "", sku.on_hand, held[(tenant, sku_name)], sku.sold, now)
-            | {"reason": "rebuild: on_hand raised to cover the sales PostgreSQL holds"}
+            event("adjusted", sku, delta, sku.on_hand - delta, held, bo)
+            | {"res": "", "user": "", "reason": "rebuild: on_hand raised to cover the sales PostgreSQL holds"}
         )
     for part in dropped:
         for line in part.lines:
             sku = image.skus[(part.tenant, line.sku)]
+            held, bo = counts[(part.tenant, line.sku)]
             if line.held:
-                held[(part.tenant, line.sku)] -= line.quantity
-            kind = "expired" if line.held else "lapsed"
-            after = held[(part.tenant, line.sku)]
+                counts[(part.tenant, line.sku)] = [held - line.quantity, bo - line.backordered]
             events.append(
-                _event(
-                    kind,
-                    part.tenant,
-                    line.sku,
-                    line.quantity,
-                    part.reservation_id,
-                    part.user_id,
-                    sku.on_hand,
-                    after,
-                    sku.sold,
-                    now,
-                )
-                | {"st": "expired", "reason": "rebuild: hold dropped so that held + sold fits on_hand"}
+                event("expired" if line.held else "lapsed", sku, line.quantity, sku.on_hand, held, bo)
+                | {
+                    "res": part.reservation_id,
+                    "user": part.user_id,
+                    "st": "expired",
+                    "lbo": 0,
+                    "reason": "rebuild: hold dropped so that held + sold fits on_hand",
+                }
             )
     return events
 
 
-def _event(
-    kind: str, tenant: str, sku: str, qty: int, res: str, user: str, on_hand: int, held: int, sold: int, at: int
-) -> dict[str, Any]:
-    # the fields of emit() in lua/includes/common.lua
-    return {
-        "type": kind,
-        "tenant": tenant,
-        "sku": sku,
-        "qty": qty,
-        "res": res,
-        "user": user,
-        "on_hand": on_hand,
-        "held": held,
-        "sold": sold,
-        "at": at,
-    }
+def _available(sku: SkuImage, on_hand: int, held: int, backordered: int, now: int) -> int:
+    return available_units(
+        on_hand, sku.safety_stock, held, sku.sold, backordered, sku.presale_cap, sku.presale_ends_at, now
+    )

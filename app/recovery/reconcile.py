@@ -22,8 +22,22 @@ from app.recovery.image import ShardImage, SkuImage, load_images
 from app.recovery.rebuild import Rebuilder
 from app.stock.keys import KeySpace
 from app.stock.policy import POLICY_FIELDS
+from app.stock.presale import PRESALE_FIELDS
 
-FIELDS = ("on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit", *POLICY_FIELDS)
+FIELDS = (
+    "on_hand",
+    "safety_stock",
+    "held",
+    "sold",
+    "mode",
+    "hold_ttl_seconds",
+    "per_user_limit",
+    *POLICY_FIELDS,
+    "backordered",
+    *PRESALE_FIELDS,
+)
+# Fields a SKU written before they existed lacks in Redis: absent reads as 0, as the scripts read it.
+_ZERO_WHEN_ABSENT = frozenset({*POLICY_FIELDS, "backordered", *PRESALE_FIELDS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +77,9 @@ async def _redis_snapshot(
     for name, row in zip(names, rows, strict=True):
         tenant, _, sku = name[len(prefix) :].partition(":")
         if not isinstance(row, Exception) and row[0] is not None:  # a SKU deleted meanwhile is skipped
-            # a policy field absent from the hash is a rule that is off, as PostgreSQL's 0 says
+            # a policy or presale field absent from the hash is off, as PostgreSQL's 0 says
             found[(tenant, sku)] = {
-                f: "0" if v is None and f in POLICY_FIELDS else str(v) for f, v in zip(FIELDS, row, strict=True)
+                f: "0" if v is None and f in _ZERO_WHEN_ABSENT else str(v) for f, v in zip(FIELDS, row, strict=True)
             }
     if isinstance(stream, Exception):  # no such key: no event in flight
         return found, (int(seconds) * 1000 + int(micros) // 1000, -1)

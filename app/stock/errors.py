@@ -23,6 +23,7 @@ class ScriptCode(IntEnum):
     NOT_ELIGIBLE = -11  # the buyer fails one of the SKU's eligibility rules
     HOLD_COOLDOWN = -12  # the user's holds on the SKU lapsed too often of late
     ORDER_LIMIT = -13  # a line asks for more than the SKU's max_per_order
+    STALE = -14  # a receipt named reservations that no longer head the backorder queue: read it again
 
 
 class StockError(Exception):

@@ -34,6 +34,8 @@ def parse_entries(shard: int, entries: Sequence[Any]) -> list[StreamEvent]:
 # beside emit() in lua/includes/common.lua. sku_set is absolute (on_hand := on_hand) and listed apart.
 EFFECTS: dict[str, tuple[int, int, int, int]] = {
     "adjusted": (1, 0, 0, 0),
+    "received": (1, 0, 0, 0),
+    "filled": (0, 0, 0, 0),  # moves units from backordered to normal: `bo` on the event says how many are left
     "held": (0, 1, 0, 1),
     "pending": (0, 0, 0, 0),
     "confirmed": (0, -1, 1, 0),

@@ -10,6 +10,9 @@ Layout (``s`` = shard number)::
     sh:{s}:usr:<tenant>:<sku>     HASH  user_id -> units held + bought (per-user limit)
     sh:{s}:lapses:<tenant>:<sku>  HASH  user_id -> hoarding record: recent lapsed holds, cooldown end
                                         (lua/includes/policy.lua; expires when the rule no longer needs it)
+    sh:{s}:boq:<tenant>:<sku>     ZSET  reservation_id -> when its line took units on backorder (ms): the
+                                        presale's queue that receipts fill, oldest first (the line's units
+                                        are the part's `b:<sku>` field)
     sh:{s}:listing:<tenant>:<id>  STRING a listing's components (JSON), on the shard of (tenant, listing id)
     sh:{s}:res:<reservation_id>   HASH  one reservation's part on this shard (+ the document on its home shard)
     sh:{s}:expiry                 ZSET  reservation_id -> deadline (ms) of live pre_reserve holds
@@ -65,6 +68,9 @@ class KeySpace:
     def lapses(self, shard: int, tenant: str, sku: str) -> str:
         return f"{self._tag(shard)}:lapses:{tenant}:{sku}"
 
+    def backorder_queue(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:boq:{tenant}:{sku}"
+
     def listing(self, shard: int, tenant: str, listing: str) -> str:
         return f"{self._tag(shard)}:listing:{tenant}:{listing}"
 
@@ -109,13 +115,13 @@ class KeySpace:
 
     def rebuilt_from_postgres(self, shard: int, key: str) -> bool:
         """Whether a rebuild replaces this key of the shard: stock state (SKUs, per-user units,
-        reservation parts, expiry index, ready marker) and listings yes; the event stream (it may hold events not yet
-        persisted), idempotency records, leases and the rebuild lock no."""
+        reservation parts, expiry index, backorder queues, ready marker) and listings yes; the event stream
+        (it may hold events not yet persisted), idempotency records, leases and the rebuild lock no."""
         tag = self._tag(shard)
         return (
             key == self.expiry(shard)
             or key == self.ready(shard)
-            or key.startswith((f"{tag}:sku:", f"{tag}:usr:", f"{tag}:res:", f"{tag}:listing:"))
+            or key.startswith((f"{tag}:sku:", f"{tag}:usr:", f"{tag}:res:", f"{tag}:boq:", f"{tag}:listing:"))
         )
 
     def all_shards(self) -> range:

@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from app.stock.policy import Buyer, Eligibility, HoldCooldown, Policy
+from app.stock.presale import Presale, PresaleState, presale_free
 
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SkuId = Annotated[str, StringConstraints(pattern=SKU_PATTERN)]
@@ -22,9 +23,20 @@ UserId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=
 MAX_UNITS = 1_000_000_000  # keeps every counter far inside Lua's exact-integer range (2^53)
 
 
-def available_units(on_hand: int, safety_stock: int, held: int, sold: int) -> int:
-    """What a new hold may take (lua/includes/common.lua's available() is the same rule)."""
-    return max(0, on_hand - safety_stock - held - sold)
+def available_units(
+    on_hand: int,
+    safety_stock: int,
+    held: int,
+    sold: int,
+    backordered: int = 0,
+    presale_cap: int = 0,
+    presale_ends_ms: int = 0,
+    now_ms: int = 0,
+) -> int:
+    """What a new hold may take: from stock on hand, then on backorder within an open presale
+    (lua/includes/common.lua's available() is the same rule)."""
+    on_hand_free = max(0, on_hand - safety_stock - (held + sold - backordered))
+    return on_hand_free + presale_free(backordered, presale_cap, presale_ends_ms, now_ms)
 
 
 def _once_each(names: list[str], what: str, advice: str) -> None:
@@ -62,6 +74,7 @@ class SkuSettings(Policy):
     mode: Mode = Field(default=Mode.PRE_RESERVE, strict=False)
     hold_ttl_seconds: int = Field(default=900, ge=1, le=86_400)
     per_user_limit: int | None = Field(default=None, ge=1, le=MAX_UNITS)
+    presale: Presale | None = None
 
 
 class Adjustment(_Strict):
@@ -74,6 +87,13 @@ class Adjustment(_Strict):
         if value == 0:
             raise ValueError("delta must not be 0")
         return value
+
+
+class Receipt(_Strict):
+    """POST /v1/skus/{sku}/receipts: goods that arrived, booked into on_hand and filling backorders."""
+
+    quantity: int = Field(ge=1, le=MAX_UNITS)
+    reason: str = Field(default="receipt", min_length=1, max_length=200)
 
 
 class ReservationItem(_Strict):
@@ -152,11 +172,24 @@ class SkuState(BaseModel):
     max_per_order: int | None
     eligibility: Eligibility | None
     hold_cooldown: HoldCooldown | None
+    backordered: int = 0  # units held or sold on backorder, not yet arrived (see presale)
+    presale: PresaleState | None = None
+
+
+class ReceiptState(SkuState):
+    """The SKU after a receipt, with what the receipt filled."""
+
+    filled: int  # backordered units that became normal ones
+    filled_lines: int  # reservation lines they belonged to, oldest first
 
 
 class ReservationLine(BaseModel):
     sku: str
     quantity: int
+    # units of the line promised on backorder and not yet arrived; the buyer is told `eta`
+    backorder: bool = False
+    backordered: int = 0
+    eta: datetime | None = None
 
 
 class Reservation(BaseModel):

@@ -51,10 +51,13 @@ from app.stock.idempotency import IdempotencyRequest
 from app.stock.keys import KeySpace
 from app.stock.listings import ListingCatalogue
 from app.stock.policy import ELIGIBILITY_RULES, NO_BUYER_ARGS, POLICY_FIELDS, policy_from_flat
+from app.stock.presale import NO_PRESALE_ARGS, PRESALE_FIELDS, presale_state
 from app.stock.reservation_ids import home_shard_of, new_reservation_id
 from app.stock.schemas import (
     Adjustment,
     Mode,
+    Receipt,
+    ReceiptState,
     Reservation,
     ReservationItem,
     ReservationLine,
@@ -75,9 +78,14 @@ LEASE_WAIT_SECONDS = 5.0
 
 # The part scripts that read or write the hoarding records (lua/includes/policy.lua).
 _WITH_HOARDING_RECORDS = frozenset({"reserve", "release"})
-# A SKU hash's fields as SkuState reads them: counters, settings, then the purchase policy.
+# A SKU hash's fields as SkuState reads them (and the catalogue scripts answer them): counters,
+# settings, the purchase policy, then the backordered units and the presale.
 SKU_STATE_FIELDS = ["on_hand", "safety_stock", "held", "sold", "mode", "hold_ttl_seconds", "per_user_limit"]
-SKU_STATE_FIELDS += POLICY_FIELDS
+SKU_STATE_FIELDS += [*POLICY_FIELDS, "backordered", *PRESALE_FIELDS]
+# A receipt reads the head of the SKU's backorder queue in pages of this many; receive_stock.lua checks
+# them and answers STALE if they no longer are the head (a release meanwhile), and the receipt reads again.
+RECEIPT_PAGE = 256
+RECEIPT_ATTEMPTS = 20
 
 # Overall status of a reservation from its parts' statuses: a release or an expiry of any part speaks
 # for the whole (the others follow within one sweep, deadlines being shared); 'confirmed' only when
@@ -118,6 +126,7 @@ class _Loaded:
     deadline: int
     parts: list[_Part]
     statuses: list[str]
+    backorders: dict[str, tuple[int, int]]  # SKU -> (units of its line on backorder, the SKU's ETA ms)
 
 
 class StockService:
@@ -167,6 +176,7 @@ class StockService:
                 idem.fingerprint if idem else "",
                 self._idem_ttl,
                 *settings.script_args(),
+                *(settings.presale.script_args() if settings.presale else NO_PRESALE_ARGS),
             ],
         )
         if int(reply[0]) < 0:
@@ -200,6 +210,71 @@ class StockService:
         if int(reply[0]) < 0:
             raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
         return self._seen(tenant, _sku_state(sku, reply[1:]))
+
+    async def receive(
+        self, tenant: str, sku: str, receipt: Receipt, idem: IdempotencyRequest | None = None
+    ) -> ReceiptState:
+        """Goods arrived: books them into on_hand and fills the SKU's backorders with them, oldest first,
+        in one receive_stock.lua call (atomic with its events and its idempotency record). The call names
+        the parts at the head of the backorder queue, read just before; should the queue have changed
+        in between, the script changes nothing and the receipt reads it again."""
+        shard = self.keys.shard_of(tenant, sku)
+        sku_key, queue = self.keys.sku(shard, tenant, sku), self.keys.backorder_queue(shard, tenant, sku)
+        for _ in range(RECEIPT_ATTEMPTS):
+            ids = await self._backorder_head(shard, sku_key, queue, sku, receipt.quantity)
+            reply = await self.scripts.call(
+                "receive_stock",
+                [
+                    sku_key,
+                    queue,
+                    self.keys.events(shard),
+                    self._idem_key(shard, tenant, idem),
+                    *(self.keys.reservation(shard, rid) for rid in ids),
+                    self.keys.ready(shard),
+                ],
+                [
+                    tenant,
+                    sku,
+                    receipt.quantity,
+                    now_ms(),
+                    receipt.reason,
+                    idem.fingerprint if idem else "",
+                    self._idem_ttl,
+                    len(ids),
+                    *ids,
+                ],
+            )
+            code = int(reply[0])
+            if code == ScriptCode.STALE:
+                continue
+            if code < 0:
+                raise _script_error(code, reply, sku=sku, shard=shard)
+            state = self._seen(tenant, _sku_state(sku, reply[1:]))
+            filled, lines = (int(v) for v in reply[1 + len(SKU_STATE_FIELDS) :][:2])
+            return ReceiptState(**state.model_dump(), filled=filled, filled_lines=lines)
+        raise ReservationBusy(f"the backorders of SKU {sku!r} kept changing during the receipt; retry")
+
+    async def _backorder_head(self, shard: int, sku_key: str, queue: str, sku: str, quantity: int) -> list[str]:
+        """The reservations at the head of the SKU's backorder queue whose backordered units cover
+        min(quantity, backordered): what receive_stock.lua needs named."""
+        to_fill = min(quantity, int(await self.redis.hget(sku_key, "backordered") or 0))
+        ids: list[str] = []
+        covered, start = 0, 0
+        while covered < to_fill:
+            page = [str(m) for m in await self.redis.zrange(queue, start, start + RECEIPT_PAGE - 1)]
+            if not page:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in page:
+                    pipe.hget(self.keys.reservation(shard, rid), f"b:{sku}")
+                units = await pipe.execute()
+            for rid, u in zip(page, units, strict=True):
+                ids.append(rid)
+                covered += int(u or 0)
+                if covered >= to_fill:
+                    break
+            start += RECEIPT_PAGE
+        return ids
 
     async def get_sku(self, tenant: str, sku: str) -> SkuState:
         shard = self.keys.shard_of(tenant, sku)
@@ -279,6 +354,7 @@ class StockService:
         done: list[_Part] = []
         statuses: list[str] = []
         deadlines: list[int] = []
+        backorders: dict[int, tuple[int, int]] = {}  # line index -> (units on backorder, ETA ms)
         already = False
         try:
             for i, part in enumerate(parts):
@@ -298,6 +374,9 @@ class StockService:
                 already = already or code == 1
                 statuses.append(reply[1])
                 deadlines.append(int(reply[2]))
+                for (index, _), j in zip(part.lines, range(3, len(reply), 2), strict=False):
+                    if int(reply[j]):
+                        backorders[index] = (int(reply[j]), int(reply[j + 1]))
         except BaseException as exc:
             if isinstance(exc, InsufficientStock) and self.sold_out is not None:
                 for short in exc.extra["items"]:
@@ -314,7 +393,7 @@ class StockService:
             id=rid,
             status=combine_statuses(statuses),
             user_id=request.user_id,
-            items=[ReservationLine(sku=i.sku, quantity=i.quantity) for i in request.items],
+            items=[_line(item, *backorders.get(index, (0, 0))) for index, item in enumerate(request.items)],
             channel=request.channel,
             created_at=from_ms(now),
             expires_at=from_ms(deadline) if deadline else None,
@@ -491,9 +570,22 @@ class StockService:
                 args.append(item.quantity)
         if script in _WITH_HOARDING_RECORDS:
             keys.extend(self.keys.lapses(shard, tenant, item.sku) for _, item in part.lines)
+        keys.extend(self.keys.backorder_queue(shard, tenant, item.sku) for _, item in part.lines)
         keys.append(self.keys.ready(shard))
         args.extend(tail_args)
         return await self.scripts.call(script, keys, args)
+
+    async def _backorders(self, tenant: str, rid: str, parts: list[_Part]) -> dict[str, tuple[int, int]]:
+        """Each line's units on backorder (its part's `b:<sku>`) and its SKU's presale ETA: one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in parts:
+                for _, item in part.lines:
+                    pipe.hget(self.keys.reservation(part.shard, rid), f"b:{item.sku}")
+                    pipe.hget(self.keys.sku(part.shard, tenant, item.sku), "presale_eta")
+            values = await pipe.execute()
+        skus = [item.sku for part in parts for _, item in part.lines]
+        found = zip(skus, values[0::2], values[1::2], strict=True)
+        return {sku: (int(units), int(eta or 0)) for sku, units, eta in found if units and int(units)}
 
     async def _undo(self, tenant: str, rid: str, done: list[_Part], now: int) -> None:
         for part in reversed(done):
@@ -526,6 +618,7 @@ class StockService:
                     raise NotReady.for_shard(part.shard)
             statuses += [str(s) for s in replies[1::2] if s is not None]
         return _Loaded(
+            backorders=await self._backorders(tenant, reservation_id, parts),
             reservation_id=reservation_id,
             tenant=tenant,
             user_id=data["user_id"],
@@ -539,23 +632,36 @@ class StockService:
 
 
 def _sku_state(sku: str, values: Sequence[Any]) -> SkuState:
-    """A SkuState from SKU_STATE_FIELDS' values (a script's reply or an HMGET). Policy values may be
-    missing or None: a SKU, or an idempotency record, from before purchase policies has none."""
+    """A SkuState from SKU_STATE_FIELDS' values (a script's reply or an HMGET; values past them are
+    ignored). Policy and presale values may be missing or None: a SKU, or an idempotency record, from
+    before purchase policies or presales has none."""
     on_hand, safety, held, sold = (int(v) for v in values[:4])
     limit = int(values[6])
-    policy = list(values[7:]) + [0] * (len(POLICY_FIELDS) - len(values[7:]))
+    tail = [int(v or 0) for v in values[7 : len(SKU_STATE_FIELDS)]]
+    tail += [0] * (len(SKU_STATE_FIELDS) - 7 - len(tail))
+    policy, (backordered, cap, eta, ends) = tail[: len(POLICY_FIELDS)], tail[len(POLICY_FIELDS) :]
+    now = now_ms()
     return SkuState(
         sku=sku,
         on_hand=on_hand,
         safety_stock=safety,
         held=held,
         sold=sold,
-        available=available_units(on_hand, safety, held, sold),
+        available=available_units(on_hand, safety, held, sold, backordered, cap, ends, now),
         mode=Mode(values[4]),
         hold_ttl_seconds=int(values[5]),
         per_user_limit=limit or None,
+        backordered=backordered,
+        presale=presale_state([cap, eta, ends], backordered, now),
         **policy_from_flat(policy),
     )
+
+
+def _line(item: ReservationItem, backordered: int, eta_ms: int) -> ReservationLine:
+    if not backordered:
+        return ReservationLine(sku=item.sku, quantity=item.quantity)
+    eta = from_ms(eta_ms) if eta_ms else None
+    return ReservationLine(sku=item.sku, quantity=item.quantity, backorder=True, backordered=backordered, eta=eta)
 
 
 def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> Reservation:
@@ -563,7 +669,7 @@ def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> R
         id=loaded.reservation_id,
         status=combine_statuses(statuses or loaded.statuses),
         user_id=loaded.user_id,
-        items=[ReservationLine(sku=i.sku, quantity=i.quantity) for i in loaded.items],
+        items=[_line(i, *loaded.backorders.get(i.sku, (0, 0))) for i in loaded.items],
         channel=loaded.channel,
         created_at=from_ms(loaded.created_at),
         expires_at=from_ms(loaded.deadline) if loaded.deadline else None,
@@ -633,10 +739,25 @@ def _script_error(
         )
     if code == ScriptCode.STOCK_CONFLICT:
         held, sold = int(reply[1]), int(reply[2])
+        backordered = int(reply[3]) if len(reply) > 3 else 0
+        if len(reply) > 4 and reply[4] == "presale_cap":
+            return StockConflict(
+                f"the presale cap of SKU {sku!r} may not fall below the {backordered} units already backordered"
+                " (removing the presale counts as a cap of 0); a receipt fills them",
+                held=held,
+                sold=sold,
+                backordered=backordered,
+                field="presale.cap",
+            )
+        promised = f"held + sold ({held} + {sold})"
+        if backordered:
+            promised = f"held + sold - backordered ({held} + {sold} - {backordered})"
         return StockConflict(
-            f"on_hand - safety_stock may not fall below held + sold ({held} + {sold}) for SKU {sku!r}",
+            f"on_hand - safety_stock may not fall below {promised} for SKU {sku!r}",
             held=held,
             sold=sold,
+            backordered=backordered,
+            field="on_hand",
         )
     if code == ScriptCode.IDEMPOTENCY_CONFLICT:
         return IdempotencyConflict("this Idempotency-Key was already used with a different request; use a new key")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
+from app.stock.clock import now_ms
 from app.stock.errors import InsufficientStock
 from app.stock.keys import KeySpace
 from app.stock.schemas import ReservationItem, available_units
@@ -30,7 +31,8 @@ from app.stock.schemas import ReservationItem, available_units
 log = logging.getLogger(__name__)
 
 SkuKey = tuple[str, str]  # (tenant, sku)
-COUNTERS = ["on_hand", "safety_stock", "held", "sold"]
+# What availability depends on, in available_units' argument order (the presale's ETA aside).
+COUNTERS = ["on_hand", "safety_stock", "held", "sold", "backordered", "presale_cap", "presale_ends_at"]
 # Under a flash sale the hot shard's stream never rests: the refresh then runs at most this often
 # (about 200 pipelined reads a second per process), which also bounds how late it can be.
 MIN_GAP_S = 0.005
@@ -105,7 +107,11 @@ class SoldOutBook:
                 replies = await pipe.execute()
             tips, rows = replies[: len(shards)], replies[len(shards) :]
             for key, row in zip(known, rows, strict=True):
-                if row[0] is None or available_units(*(int(v) for v in row)) > 0:
+                if row[0] is None:
+                    self._known.discard(key)
+                    continue
+                on_hand, safety, held, sold, backordered, cap, ends = (int(v or 0) for v in row)
+                if available_units(on_hand, safety, held, sold, backordered, cap, ends, now_ms()) > 0:
                     self._known.discard(key)
             for shard, tip in zip(shards, tips, strict=True):
                 self._tips[shard] = str(tip[0][0]) if tip else "0-0"

@@ -2,8 +2,9 @@
 of record keeps beside it (``sku``, ``reservation``, ``reservation_line``, ``worker_progress``).
 
 A batch is one call of ``persist_event_batch()`` (migrations/0003_persist_event_batch.sql, wrapped by
-0004_purchase_policy.sql to store the purchase policy): the statements for every table run there, in one
-round trip whatever the batch's size. Python builds the
+0004_purchase_policy.sql to store the purchase policy and by 0007_presale.sql to store the presale and
+the backordered units): the statements for every table run there, in one round trip whatever the
+batch's size. Python builds the
 rows (the newest event per SKU, the lines merged per reservation) and sorts each table's by primary key;
 the function writes the tables in a fixed sequence, so concurrent writers (several workers, confirm's
 write-through) lock rows in one global order and wait for each other but never deadlock. Everything is
@@ -27,6 +28,7 @@ from asyncpg.pool import PoolConnectionProxy
 from app.stock.errors import LedgerUnavailable
 from app.stock.events import RESERVE_TYPES, ReservationRecord, StreamEvent
 from app.stock.policy import POLICY_FIELDS
+from app.stock.presale import PRESALE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ def _sku_rows(ordered: Sequence[StreamEvent]) -> list[dict[str, object]]:
             "on_hand": f["on_hand"],
             "held": f["held"],
             "sold": f["sold"],
+            "backordered": f.get("bo"),  # None: an event from before presales; the column keeps its value
             "event_ms": e.position[0],
             "event_seq": e.position[1],
         }
@@ -127,11 +130,19 @@ def _sku_rows(ordered: Sequence[StreamEvent]) -> list[dict[str, object]]:
                 "per_user_limit": sf["per_user_limit"],
                 # events from before purchase policies carry none: every rule off (0)
                 "policy": {f: int(sf.get(f) or 0) for f in POLICY_FIELDS},
+                "presale": _presale(sf),
                 "settings_event_ms": s.position[0],
                 "settings_event_seq": s.position[1],
             }
         rows.append(row)
     return rows
+
+
+def _presale(fields: dict[str, str]) -> dict[str, int] | None:
+    """sku.presale from a sku_set event: its flat fields, or None for no presale (cap 0, or an event from
+    before presales)."""
+    values = {f: int(fields.get(f) or 0) for f in PRESALE_FIELDS}
+    return values if values["presale_cap"] > 0 else None
 
 
 def _reservation_rows(
@@ -168,6 +179,7 @@ def _reservation_rows(
                 user, channel, items = doc["user_id"], doc.get("channel"), doc["items"]
                 docs[rid] = _document(rid, f["tenant"], user, channel, items, f["at"], deadline)
         line |= {"status": f["st"], "status_before": f.get("pst"), "confirmed_how": f.get("cf")}
+        line["backordered"] = f.get("lbo")  # the line's backordered units after this event
         line["event_ms"], line["event_seq"] = e.position
     return lines, docs
 

@@ -20,7 +20,9 @@ TENANT = "default"
 NOW = 1_700_000_000_000  # a fixed "now" (ms): deadlines are exact
 FAR_FUTURE = 4_000_000_000_000  # past every deadline a test creates
 IDEM_TTL = 3600
-NO_POLICY = (0,) * len(POLICY_FIELDS)  # set_sku / adjust replies end with the policy's 7 fields
+NO_POLICY = (0,) * len(POLICY_FIELDS)  # set_sku / adjust replies hold the policy's 7 fields
+NO_PRESALE = (0, 0, 0)  # set_sku's presale arguments: none
+NO_PRESALE_STATE = (0, 0, 0, 0)  # replies end with backordered and the presale's 3 fields: none
 
 
 def skus_on_one_shard(keys: KeySpace, prefix: str, count: int) -> list[str]:
@@ -71,13 +73,15 @@ async def set_sku(
     fingerprint: str = "",
     idem: str | None = None,
     policy: Sequence[int] = NO_POLICY,
+    presale: Sequence[int] = NO_PRESALE,
 ) -> Any:
-    """`policy`: the 7 POLICY_FIELDS of app/stock/policy.py, 0 = rule off."""
+    """`policy`: the 7 POLICY_FIELDS of app/stock/policy.py, 0 = rule off; `presale`: cap, ETA (ms), end
+    (ms, 0 = none), cap 0 = no presale."""
     shard = keys.shard_of(TENANT, sku)
     return await scripts.call(
         "set_sku",
         [keys.sku(shard, TENANT, sku), keys.events(shard), idem or idem_key(keys, sku), keys.ready(shard)],
-        [TENANT, sku, on_hand, safety, mode, ttl, limit, now, fingerprint, IDEM_TTL, *policy],
+        [TENANT, sku, on_hand, safety, mode, ttl, limit, now, fingerprint, IDEM_TTL, *policy, *presale],
     )
 
 
@@ -102,13 +106,15 @@ async def adjust(
 
 def _part_layout(keys: KeySpace, rid: str, skus: Sequence[str], *, hoarding: bool = False) -> list[str]:
     """KEYS of a call on one reservation part, as StockService._call_part lays them out (reserve and
-    release take each line's hoarding record after the lines' pairs)."""
+    release take each line's hoarding record after the lines' pairs; every part script then takes each
+    line's backorder queue)."""
     shard = shard_of(keys, skus)
     layout = [keys.reservation(shard, rid), keys.expiry(shard), keys.events(shard)]
     for sku in skus:
         layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
     if hoarding:
         layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
+    layout += [keys.backorder_queue(shard, TENANT, sku) for sku in skus]
     return [*layout, keys.ready(shard)]
 
 
@@ -160,8 +166,32 @@ async def expire_holds(
         for sku in skus:
             layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
         layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
+        layout += [keys.backorder_queue(shard, TENANT, sku) for sku in skus]
         args += [rid, len(skus), *skus]
     return await scripts.call("expire_holds", [*layout, keys.ready(shard)], args)
+
+
+async def receive(
+    scripts: Scripts,
+    keys: KeySpace,
+    sku: str,
+    qty: int,
+    queued: Sequence[str],
+    *,
+    now: int = NOW,
+    reason: str = "receipt",
+    fingerprint: str = "",
+) -> Any:
+    """receive_stock naming the parts of `queued` (reservation ids, as the caller read the queue's head)."""
+    shard = keys.shard_of(TENANT, sku)
+    layout = [keys.sku(shard, TENANT, sku), keys.backorder_queue(shard, TENANT, sku), keys.events(shard)]
+    layout += [idem_key(keys, sku), *(keys.reservation(shard, rid) for rid in queued), keys.ready(shard)]
+    args = [TENANT, sku, qty, now, reason, fingerprint, IDEM_TTL, len(queued), *queued]
+    return await scripts.call("receive_stock", layout, args)
+
+
+async def backorder_queue(redis: Redis, keys: KeySpace, sku: str) -> list[str]:
+    return [str(m) for m in await redis.zrange(keys.backorder_queue(keys.shard_of(TENANT, sku), TENANT, sku), 0, -1)]
 
 
 async def claim(scripts: Scripts, record: str, fingerprint: str, ref: str, ttl: int = IDEM_TTL) -> Any:
@@ -189,23 +219,28 @@ class Counters:
     safety: int
     held: int
     sold: int
+    backordered: int = 0
+    cap: int = 0  # the presale's, 0 = none
 
     @property
     def available(self) -> int:
-        return max(0, self.on_hand - self.safety - self.held - self.sold)
+        """On hand, then on backorder (an open presale: the tests' presales have no end)."""
+        on_hand = max(0, self.on_hand - self.safety - (self.held + self.sold - self.backordered))
+        return on_hand + max(0, self.cap - self.backordered)
 
     def check_invariant(self) -> None:
         assert self.held >= 0, self
         assert self.sold >= 0, self
-        assert self.held + self.sold <= self.on_hand - self.safety, self
+        assert 0 <= self.backordered <= self.cap, self
+        assert self.held + self.sold - self.backordered <= self.on_hand - self.safety, self
 
 
 async def counters(redis: Redis, keys: KeySpace, sku: str) -> Counters:
     shard = keys.shard_of(TENANT, sku)
-    values = await redis.hmget(keys.sku(shard, TENANT, sku), ["on_hand", "safety_stock", "held", "sold"])
+    fields = ["on_hand", "safety_stock", "held", "sold", "backordered", "presale_cap"]
+    values = await redis.hmget(keys.sku(shard, TENANT, sku), fields)
     assert values[0] is not None, f"SKU {sku} does not exist"
-    on_hand, safety, held, sold = (int(v) for v in values)
-    return Counters(on_hand, safety, held, sold)
+    return Counters(*(int(v or 0) for v in values))
 
 
 async def sku_hash(redis: Redis, keys: KeySpace, sku: str) -> dict[str, str]:
@@ -243,4 +278,4 @@ async def assert_ledger_matches(redis: Redis, keys: KeySpace, sku: str) -> None:
     ledger = await events_of(redis, keys, sku)
     now = await counters(redis, keys, sku)
     assert counters_of(ledger[-1]) == (now.on_hand, now.held, now.sold)
-    assert sum(int(e["qty"]) for e in ledger if e["type"] in ("sku_set", "adjusted")) == now.on_hand
+    assert sum(int(e["qty"]) for e in ledger if e["type"] in ("sku_set", "adjusted", "received")) == now.on_hand

@@ -13,6 +13,7 @@ from tests.helpers import snapshot
 from tests.lua.support import (
     IDEM_TTL,
     NO_POLICY,
+    NO_PRESALE_STATE,
     NOW,
     TENANT,
     Counters,
@@ -49,7 +50,7 @@ async def test_restock_adds_to_on_hand_and_emits_adjusted(redis: Redis, scripts:
     reply = await adjust(scripts, keys, "tea", 5, reason="delivery 42", now=NOW + 7)
 
     # then
-    assert reply == [0, 15, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY]
+    assert reply == [0, 15, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY, *NO_PRESALE_STATE]
     assert await counters(redis, keys, "tea") == Counters(on_hand=15, safety=2, held=3, sold=1)
     assert (await events_of(redis, keys, "tea"))[-1] == {
         "type": "adjusted",
@@ -61,6 +62,9 @@ async def test_restock_adds_to_on_hand_and_emits_adjusted(redis: Redis, scripts:
         "on_hand": "15",
         "held": "3",
         "sold": "1",
+        "bo": "0",
+        "av0": "4",
+        "av": "9",
         "at": str(NOW + 7),
         "reason": "delivery 42",
     }
@@ -77,7 +81,7 @@ async def test_shrink_down_to_exactly_held_plus_sold_plus_safety(
     reply = await adjust(scripts, keys, "coffee", -4, reason="breakage")
 
     # then
-    assert reply == [0, 6, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY]
+    assert reply == [0, 6, 2, 3, 1, "pre_reserve", 900, 7, *NO_POLICY, *NO_PRESALE_STATE]
     state = await counters(redis, keys, "coffee")
     state.check_invariant()
     assert state.available == 0
@@ -97,7 +101,7 @@ async def test_stock_conflict_when_the_shrink_goes_below_held_plus_sold(
     reply = await adjust(scripts, keys, "sugar", -5)
 
     # then
-    assert reply == [-4, 3, 1]
+    assert reply == [-4, 3, 1, 0, "on_hand"]
     assert await snapshot(redis) == before
 
 
@@ -107,7 +111,7 @@ async def test_stock_conflict_counts_safety_stock_even_with_nothing_held(
     await set_sku(scripts, keys, "salt", 10, safety=4)
     before = await snapshot(redis)
 
-    assert await adjust(scripts, keys, "salt", -7) == [-4, 0, 0]
+    assert await adjust(scripts, keys, "salt", -7) == [-4, 0, 0, 0, "on_hand"]
 
     assert await snapshot(redis) == before
     assert (await adjust(scripts, keys, "salt", -6))[:2] == [0, 4]
@@ -130,7 +134,7 @@ async def test_replay_returns_the_first_result_without_adjusting_again(
     await set_sku(scripts, keys, "rice", 10)
     record = idem_key(keys, "rice", "POST /v1/skus/rice/adjustments", "key-1")
     first = await adjust(scripts, keys, "rice", 5, fingerprint="fp-1", idem=record)
-    assert first == [0, 15, 0, 0, 0, "pre_reserve", 900, 0, *NO_POLICY]
+    assert first == [0, 15, 0, 0, 0, "pre_reserve", 900, 0, *NO_POLICY, *NO_PRESALE_STATE]
     assert 0 < await redis.ttl(record) <= IDEM_TTL
     before = await snapshot(redis)
 
@@ -179,7 +183,7 @@ async def test_concurrent_shrinks_stop_exactly_at_held_plus_sold(
 
     # then
     assert sorted(r[1] for r in replies if r[0] == 0) == list(range(10, 20))
-    assert [r for r in replies if r[0] != 0] == [[-4, 10, 0]] * 90
+    assert [r for r in replies if r[0] != 0] == [[-4, 10, 0, 0, "on_hand"]] * 90
     state = await counters(redis, keys, "stock")
     assert (state.on_hand, state.held, state.sold) == (10, 10, 0)
     assert len([e for e in await events_of(redis, keys, "stock") if e["type"] == "adjusted"]) == 10

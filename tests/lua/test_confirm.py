@@ -64,7 +64,11 @@ async def test_held_part_moves_held_units_to_sold(redis: Redis, scripts: Scripts
         "on_hand": "10",
         "held": "0",
         "sold": "3",
+        "bo": "0",
+        "av0": "7",
+        "av": "7",
         "at": str(NOW + 10),
+        "lbo": "0",
         "st": "confirmed",  # the part's status after, for the ledger's projections
         "pst": "held",
         "cf": "h",
@@ -114,7 +118,7 @@ async def test_held_part_past_its_deadline_is_confirmed_from_the_hold(
 async def test_pending_part_is_deducted_directly(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
     await set_sku(scripts, keys, "song", 3, mode="on_payment", limit=4)
     rid = new_id(keys, "song")
-    assert await reserve(scripts, keys, rid, "dee", [("song", 3)]) == [0, "pending", 0]
+    assert await reserve(scripts, keys, rid, "dee", [("song", 3)]) == [0, "pending", 0, 0, 0]
 
     assert (await confirm(scripts, keys, rid, ["song"]))[:2] == [0, "confirmed"]
 

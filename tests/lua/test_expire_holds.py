@@ -61,7 +61,11 @@ async def test_due_hold_is_expired_and_its_units_return(redis: Redis, scripts: S
         "on_hand": "10",
         "held": "1",
         "sold": "0",
+        "bo": "0",
+        "av0": "6",
+        "av": "9",
         "at": str(deadline),
+        "lbo": "0",
         "st": "expired",
     }
 
@@ -264,8 +268,10 @@ async def test_a_pending_part_with_a_deadline_expires_and_one_without_stays(
         0,
         "pending",
         NOW + 1_000,
+        0,
+        0,
     ]
-    assert await reserve(scripts, keys, without, "di", [("voucher", 1)]) == [0, "pending", 0]
+    assert await reserve(scripts, keys, without, "di", [("voucher", 1)]) == [0, "pending", 0, 0, 0]
     assert await expiry_index(redis, keys, shard) == {with_deadline: NOW + 1_000}
 
     # when

@@ -28,6 +28,7 @@ from tests.lua.support import (
     counters,
     expire_holds,
     new_id,
+    receive,
     release,
     reserve,
     revert_confirm,
@@ -83,6 +84,10 @@ CALLS: dict[str, tuple[Call, list[Any]]] = {
     "confirm": (lambda s, k, shop: confirm(s, k, shop.held_rid, [shop.timed, shop.paid]), [0, "confirmed"]),
     "revert_confirm": (lambda s, k, shop: revert_confirm(s, k, shop.sold_rid, [shop.timed]), [0, "held"]),
     "release": (lambda s, k, shop: release(s, k, shop.held_rid, [shop.timed, shop.paid]), [0, "released"]),
+    "receive_stock": (
+        lambda s, k, shop: receive(s, k, shop.timed, 3, [], fingerprint="fp-receipt"),
+        [0, 13, 0, 2, 1, "pre_reserve", 900, 5],  # on_hand 10 + 3, nothing backordered to fill
+    ),
     "expire_holds": (
         lambda s, k, shop: expire_holds(s, k, shop.shard, [(shop.held_rid, [shop.timed, shop.paid])], now=FAR_FUTURE),
         [1, 0],  # ann's hold expired, nothing skipped

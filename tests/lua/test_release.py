@@ -64,7 +64,11 @@ async def test_release_gives_held_units_back(redis: Redis, scripts: Scripts, key
         "on_hand": "10",
         "held": "1",
         "sold": "0",
+        "bo": "0",
+        "av0": "6",
+        "av": "9",
         "at": str(NOW + 5),
+        "lbo": "0",
         "st": "released",
     }
 

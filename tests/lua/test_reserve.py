@@ -41,7 +41,7 @@ async def test_pre_reserve_line_is_held_until_now_plus_ttl(redis: Redis, scripts
     reply = await reserve(scripts, keys, rid, "ann", [("ticket", 3)], doc='{"user_id":"ann"}')
 
     # then
-    assert reply == [0, "held", deadline]
+    assert reply == [0, "held", deadline, 0, 0]  # line 1: nothing on backorder
     state = await counters(redis, keys, "ticket")
     assert (state.on_hand, state.held, state.sold) == (10, 3, 0)
     assert await user_units(redis, keys, "ticket") == {"ann": 3}
@@ -67,7 +67,11 @@ async def test_pre_reserve_line_is_held_until_now_plus_ttl(redis: Redis, scripts
         "on_hand": "10",
         "held": "3",
         "sold": "0",
+        "bo": "0",
+        "av0": "10",
+        "av": "7",
         "at": str(NOW),
+        "lbo": "0",
         "exp": str(deadline),
         "st": "held",
         "doc": '{"user_id":"ann"}',  # the home part's first line carries the document
@@ -91,7 +95,7 @@ async def test_mixed_modes_shortest_pre_reserve_ttl_sets_the_deadline(
     reply = await reserve(scripts, keys, rid, "bob", lines)
 
     # then
-    assert reply == [0, "held", NOW + 300_000]
+    assert reply == [0, "held", NOW + 300_000, *[0, 0] * 4]
     assert [(await counters(redis, keys, sku)).held for sku, _ in lines] == [1, 2, 3, 0]
     assert [await user_units(redis, keys, sku) for sku, _ in lines] == [{"bob": 1}, {"bob": 2}, {"bob": 3}, {}]
     stored = await part(redis, keys, rid, slow)
@@ -118,7 +122,7 @@ async def test_on_order_only_is_held_without_deadline(redis: Redis, scripts: Scr
 
     reply = await reserve(scripts, keys, rid, "cat", [("sofa", 2)])
 
-    assert reply == [0, "held", 0]
+    assert reply == [0, "held", 0, 0, 0]
     assert (await counters(redis, keys, "sofa")).held == 2
     assert (await part(redis, keys, rid, "sofa"))["exp"] == "0"
     assert await expiry_index(redis, keys, keys.shard_of(TENANT, "sofa")) == {}
@@ -130,7 +134,7 @@ async def test_on_payment_only_is_pending_and_holds_nothing(redis: Redis, script
 
     reply = await reserve(scripts, keys, rid, "dan", [("ebook", 4)])
 
-    assert reply == [0, "pending", 0]
+    assert reply == [0, "pending", 0, 0, 0]
     state = await counters(redis, keys, "ebook")
     assert (state.held, state.sold, state.available) == (0, 0, 4)
     assert await user_units(redis, keys, "ebook") == {}
@@ -161,10 +165,10 @@ async def test_shared_deadline_takes_the_earlier_of_it_and_the_parts_own(
     # then every pre_reserve hold has a deadline, the earlier one wins, and an on_order part follows
     # the reservation's deadline so its parts expire together
     assert replies == [
-        [0, "held", NOW + 5_000],
-        [0, "held", NOW + 900_000],
-        [0, "held", NOW + 900_000],
-        [0, "held", NOW + 5_000],
+        [0, "held", NOW + 5_000, 0, 0],
+        [0, "held", NOW + 900_000, 0, 0],
+        [0, "held", NOW + 900_000, 0, 0],
+        [0, "held", NOW + 5_000, 0, 0],
     ]
     scarf_index = await expiry_index(redis, keys, keys.shard_of(TENANT, "scarf"))
     assert {rid: scarf_index[rid] for rid in (earlier, later, zero)} == {
@@ -179,7 +183,7 @@ async def test_already_when_the_part_exists_changes_nothing(redis: Redis, script
     # given a held part
     await set_sku(scripts, keys, "pen", 10, ttl=60)
     rid = new_id(keys, "pen")
-    assert await reserve(scripts, keys, rid, "fay", [("pen", 2)]) == [0, "held", NOW + 60_000]
+    assert await reserve(scripts, keys, rid, "fay", [("pen", 2)]) == [0, "held", NOW + 60_000, 0, 0]
     before = await snapshot(redis)
 
     # when it is re-run (a retry), even with other lines, user and time
@@ -373,7 +377,7 @@ async def test_concurrent_retries_of_one_id_reserve_once(redis: Redis, scripts: 
 
     replies = await asyncio.gather(*(reserve(scripts, keys, rid, "pia", [("retry", 4)]) for _ in range(100)))
 
-    assert sorted(replies) == [[0, "held", NOW + 60_000]] + [[1, "held", NOW + 60_000]] * 99
+    assert sorted(replies) == [[0, "held", NOW + 60_000, 0, 0]] + [[1, "held", NOW + 60_000]] * 99
     assert (await counters(redis, keys, "retry")).held == 4
     assert await user_units(redis, keys, "retry") == {"pia": 4}
     assert [e["type"] for e in await events_of(redis, keys, "retry")] == ["sku_set", "held"]

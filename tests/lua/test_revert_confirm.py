@@ -68,7 +68,11 @@ async def test_hold_confirm_reverts_to_held_exactly(redis: Redis, scripts: Scrip
         "on_hand": "10",
         "held": "2",
         "sold": "0",
+        "bo": "0",
+        "av0": "8",
+        "av": "8",
         "at": str(NOW + 9),
+        "lbo": "0",
         "st": "held",
     }
     assert (ledger[-1]["type"], ledger[-1]["sku"], ledger[-1]["held"], ledger[-1]["sold"]) == (

@@ -13,6 +13,7 @@ from tests.helpers import snapshot
 from tests.lua.support import (
     IDEM_TTL,
     NO_POLICY,
+    NO_PRESALE_STATE,
     NOW,
     TENANT,
     adjust,
@@ -37,10 +38,23 @@ POLICY_FIELDS_SET = {name: str(value) for name, value in zip(POLICY_FIELDS, POLI
 
 async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
     # when
-    reply = await set_sku(scripts, keys, "mug", 10, safety=2, mode="on_order", ttl=60, limit=3, now=NOW, policy=POLICY)
+    eta = NOW + 86_400_000
+    reply = await set_sku(
+        scripts,
+        keys,
+        "mug",
+        10,
+        safety=2,
+        mode="on_order",
+        ttl=60,
+        limit=3,
+        now=NOW,
+        policy=POLICY,
+        presale=(5, eta, 0),
+    )
 
     # then
-    assert reply == [1, 10, 2, 0, 0, "on_order", 60, 3, *POLICY]
+    assert reply == [1, 10, 2, 0, 0, "on_order", 60, 3, *POLICY, 0, 5, eta, 0]
     assert await sku_hash(redis, keys, "mug") == {
         "on_hand": "10",
         "safety_stock": "2",
@@ -50,6 +64,10 @@ async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scrip
         "hold_ttl_seconds": "60",
         "per_user_limit": "3",
         **POLICY_FIELDS_SET,
+        "backordered": "0",
+        "presale_cap": "5",
+        "presale_eta": str(eta),
+        "presale_ends_at": "0",
     }
     shard = keys.shard_of(TENANT, "mug")
     assert await events(redis, keys, shard) == [
@@ -63,12 +81,18 @@ async def test_creates_a_sku_with_its_settings_and_one_event(redis: Redis, scrip
             "on_hand": "10",
             "held": "0",
             "sold": "0",
+            "bo": "0",
+            "av0": "0",
+            "av": "13",  # 10 - 2 on hand, 5 on backorder
             "at": str(NOW),
             "safety_stock": "2",
             "mode": "on_order",
             "hold_ttl_seconds": "60",
             "per_user_limit": "3",
             **POLICY_FIELDS_SET,
+            "presale_cap": "5",
+            "presale_eta": str(eta),
+            "presale_ends_at": "0",
         }
     ]
     # no fingerprint: the idempotency record is not written
@@ -89,7 +113,7 @@ async def test_update_keeps_held_and_sold_and_reports_the_on_hand_delta(
     reply = await set_sku(scripts, keys, "lamp", 7, safety=1, mode="on_payment", ttl=30, limit=5, now=NOW + 1)
 
     # then
-    assert reply == [0, 7, 1, 3, 2, "on_payment", 30, 5, *NO_POLICY]
+    assert reply == [0, 7, 1, 3, 2, "on_payment", 30, 5, *NO_POLICY, *NO_PRESALE_STATE]
     assert await sku_hash(redis, keys, "lamp") == {
         "on_hand": "7",
         "safety_stock": "1",
@@ -99,6 +123,7 @@ async def test_update_keeps_held_and_sold_and_reports_the_on_hand_delta(
         "hold_ttl_seconds": "30",
         "per_user_limit": "5",
         **dict.fromkeys(POLICY_FIELDS, "0"),
+        **dict.fromkeys(["backordered", "presale_cap", "presale_eta", "presale_ends_at"], "0"),
     }
     last = (await events_of(redis, keys, "lamp"))[-1]
     assert (last["type"], last["qty"], last["at"]) == ("sku_set", "-3", str(NOW + 1))
@@ -135,8 +160,8 @@ async def test_stock_conflict_when_new_stock_falls_below_held_plus_sold(
     by_safety = await set_sku(scripts, keys, "chair", 10, safety=5, mode="on_payment")
 
     # then
-    assert by_on_hand == [-4, 4, 2]
-    assert by_safety == [-4, 4, 2]
+    assert by_on_hand == [-4, 4, 2, 0, "on_hand"]
+    assert by_safety == [-4, 4, 2, 0, "on_hand"]
     assert await snapshot(redis) == before
 
 
@@ -147,7 +172,7 @@ async def test_stock_conflict_on_create_when_safety_exceeds_on_hand(
 
     reply = await set_sku(scripts, keys, "ghost", 3, safety=5)
 
-    assert reply == [-4, 0, 0]
+    assert reply == [-4, 0, 0, 0, "on_hand"]
     assert await snapshot(redis) == before
 
 
@@ -157,7 +182,7 @@ async def test_replay_with_same_fingerprint_returns_first_result_and_changes_not
     # given a first call under an Idempotency-Key
     record = idem_key(keys, "vase", "PUT /v1/skus/vase", "key-1")
     first = await set_sku(scripts, keys, "vase", 10, limit=2, fingerprint="fp-1", idem=record)
-    assert first == [1, 10, 0, 0, 0, "pre_reserve", 900, 2, *NO_POLICY]
+    assert first == [1, 10, 0, 0, 0, "pre_reserve", 900, 2, *NO_POLICY, *NO_PRESALE_STATE]
     assert await redis.hget(record, "fp") == "fp-1"
     assert 0 < await redis.ttl(record) <= IDEM_TTL
     before = await snapshot(redis)
@@ -173,11 +198,11 @@ async def test_replay_with_same_fingerprint_returns_first_result_and_changes_not
 async def test_replay_of_a_refusal_replays_the_refusal(redis: Redis, scripts: Scripts, keys: KeySpace) -> None:
     # given a refused first call under a key
     record = idem_key(keys, "urn", "PUT /v1/skus/urn", "key-2")
-    assert await set_sku(scripts, keys, "urn", 1, safety=4, fingerprint="fp-2", idem=record) == [-4, 0, 0]
+    assert await set_sku(scripts, keys, "urn", 1, safety=4, fingerprint="fp-2", idem=record) == [-4, 0, 0, 0, "on_hand"]
     before = await snapshot(redis)
 
     # when the same request comes again: still refused, from the record
-    assert await set_sku(scripts, keys, "urn", 1, safety=4, fingerprint="fp-2", idem=record) == [-4, 0, 0]
+    assert await set_sku(scripts, keys, "urn", 1, safety=4, fingerprint="fp-2", idem=record) == [-4, 0, 0, 0, "on_hand"]
 
     # then
     assert await snapshot(redis) == before

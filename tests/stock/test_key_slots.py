@@ -1,11 +1,12 @@
 """Every key passed to every script call hashes to one cluster slot (the design's cluster-safety rule),
 recorded over a workload that reaches every script: single- and cross-shard reservations, confirm,
-revert, release, compensation, expiry and idempotency claims."""
+revert, release, compensation, expiry, receipts filling backorders and idempotency claims."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,8 +15,9 @@ from redis.crc import key_slot
 from app.stock.errors import InsufficientStock
 from app.stock.idempotency import IdempotencyRequest, IdempotencyStore
 from app.stock.keys import KeySpace
+from app.stock.presale import Presale
 from app.stock.rate_limits import Bucket, RateLimiter
-from app.stock.schemas import Adjustment, ReservationItem, ReservationRequest, SkuSettings
+from app.stock.schemas import Adjustment, Receipt, ReservationItem, ReservationRequest, SkuSettings
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
 from app.store.scripts import Scripts
@@ -63,12 +65,17 @@ async def test_every_script_call_stays_in_one_slot(
     expiring = await service.reserve(TENANT, req("u5", (a, 1), (c, 1)))
     assert await sweeper.sweep_once(now=10**13) >= 1
     await service.release(TENANT, expiring.id)
+    presale = Presale(cap=5, eta=datetime(2030, 1, 1, tzinfo=UTC))
+    await service.put_sku(TENANT, c, SkuSettings(on_hand=1, presale=presale))
+    await service.reserve(TENANT, req("u6", (c, 3)))  # 2 on backorder
+    await service.receive(TENANT, c, Receipt(quantity=1))
     await idempotency.claim(TENANT, IdempotencyRequest(key="k2", scope="POST /v1/reservations", fingerprint="f"), "r")
     limiter = RateLimiter(service.scripts, keys, per_user=Bucket(1, 1), per_ip=Bucket(1, 1))
     await limiter.check_user(TENANT, "u1")
     await limiter.check_ip("192.0.2.1")
 
     expected = {"set_sku", "adjust_stock", "reserve", "confirm", "revert_confirm", "release", "expire_holds"}
+    expected |= {"receive_stock"}
     assert expected | {"claim_idempotency", "take_token"} == set(calls) == set(service.scripts.sources)
     for name, key_lists in calls.items():
         for key_list in key_lists:

@@ -1,4 +1,5 @@
-"""Catalogue routes: create/update a SKU and adjust its stock (admin scope), read its state (any scope)."""
+"""Catalogue routes: create/update a SKU, adjust its stock and book receipts (admin scope), read its state
+(any scope)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from fastapi.responses import Response
 from app.api.deps import CatalogueTenant, IdempotencyKeyHeader, ReaderTenant, ServiceDep
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
 from app.stock.idempotency import IdempotencyRequest, fingerprint
-from app.stock.schemas import SKU_PATTERN, Adjustment, SkuSettings, SkuState
+from app.stock.schemas import SKU_PATTERN, Adjustment, Receipt, ReceiptState, SkuSettings, SkuState
 
 router = APIRouter(prefix="/v1/skus", tags=["catalogue"], responses=AUTH_RESPONSES)
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="SKU id: 1-64 of A-Z a-z 0-9 . _ -")]
 
 
-def _idempotency(key: str | None, request: Request, body: SkuSettings | Adjustment) -> IdempotencyRequest | None:
+def _idempotency(
+    key: str | None, request: Request, body: SkuSettings | Adjustment | Receipt
+) -> IdempotencyRequest | None:
     if key is None:
         return None
     scope = f"{request.method} {request.url.path}"
@@ -29,7 +32,9 @@ def _idempotency(key: str | None, request: Request, body: SkuSettings | Adjustme
     summary="Create or update a SKU",
     responses={
         201: {"model": SkuState, "description": "Created"},
-        409: problem_schema("stock_conflict: on_hand - safety_stock below held + sold"),
+        409: problem_schema(
+            "stock_conflict: on_hand - safety_stock below held + sold - backordered, or presale.cap below backordered"
+        ),
         422: problem_schema("validation_error / idempotency_conflict"),
     },
 )
@@ -51,7 +56,7 @@ async def put_sku(
     summary="Restock or shrink on_hand by a delta",
     responses={
         404: problem_schema("sku_not_found"),
-        409: problem_schema("stock_conflict: the shrink goes below held + sold"),
+        409: problem_schema("stock_conflict: the shrink goes below held + sold - backordered"),
         422: problem_schema("validation_error / idempotency_conflict"),
     },
 )
@@ -64,6 +69,27 @@ async def adjust_stock(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     state = await service.adjust(tenant, sku, body, _idempotency(idempotency_key, request, body))
+    return json_response(state)
+
+
+@router.post(
+    "/{sku}/receipts",
+    response_model=ReceiptState,
+    summary="Book arrived goods into on_hand, filling backorders oldest first",
+    responses={
+        404: problem_schema("sku_not_found"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def receive_stock(
+    sku: SkuPath,
+    body: Receipt,
+    request: Request,
+    service: ServiceDep,
+    tenant: CatalogueTenant,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    state = await service.receive(tenant, sku, body, _idempotency(idempotency_key, request, body))
     return json_response(state)
 
 
