@@ -12,7 +12,6 @@ delivery twice (after such a crash, or when its 2xx was lost) and dedupes on ``W
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -139,20 +138,28 @@ class WebhookSender:
     def notify(self) -> None:
         self.wake.set()
 
-    async def step(self, http: httpx.AsyncClient) -> int:
-        """Claims up to `concurrency` due deliveries, sends them at once, records each outcome.
-        Returns how many were claimed."""
-        rows = await self.pg.fetch(CLAIM, self.concurrency, self.timeout_s + LEASE_MARGIN_S)
-        due = [
+    async def claim(self, most: int) -> list[DueDelivery]:
+        """Up to `most` due deliveries, each leased to this sender and its attempt counted (one statement)."""
+        rows = await self.pg.fetch(CLAIM, most, self.timeout_s + LEASE_MARGIN_S)
+        return [
             DueDelivery(
                 r["id"], r["attempts"], r["event_id"], r["endpoint_id"], r["url"], r["secret"], r["body"].encode()
             )
             for r in rows
         ]
-        for failure in await asyncio.gather(*(self._deliver(http, d) for d in due), return_exceptions=True):
-            if isinstance(failure, BaseException):  # its row comes back when the lease ends
-                log.error("recording a webhook attempt failed: %r", failure)
+
+    async def step(self, http: httpx.AsyncClient) -> int:
+        """Claims up to `concurrency` due deliveries, sends them at once, records each outcome.
+        Returns how many were claimed. (run() keeps deliveries flowing instead of going step by step.)"""
+        due = await self.claim(self.concurrency)
+        await asyncio.gather(*(self._deliver_logged(http, d) for d in due))
         return len(due)
+
+    async def _deliver_logged(self, http: httpx.AsyncClient, d: DueDelivery) -> None:
+        try:
+            await self._deliver(http, d)
+        except Exception:  # PostgreSQL away: the row comes back when its lease ends
+            log.exception("recording webhook %s attempt %d failed", d.event_id, d.attempt)
 
     async def _deliver(self, http: httpx.AsyncClient, d: DueDelivery) -> None:
         if d.attempt > self.max_attempts:  # claimed over and over by senders that died mid-request
@@ -213,22 +220,41 @@ class WebhookSender:
         return AttemptResult(started_at, (time.perf_counter() - t0) * 1000, status, error)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sends until `stop` is set: at once when this process's dispatcher recorded deliveries, else
-        every `poll_ms` (deliveries another process recorded, retries falling due). Failing steps
-        (PostgreSQL away) are retried after a pause; their rows come back when their lease ends."""
+        """Sends until `stop` is set, up to `concurrency` deliveries in flight: it claims more as soon as
+        one finishes, when this process's dispatcher recorded some, and every `poll_ms` (deliveries
+        another process recorded, retries falling due). A delivery never waits for others to finish.
+        Failing claims (PostgreSQL away) are retried at the next tick. At stop, deliveries in flight get
+        the timeout to finish; any left are cancelled and come back when their lease ends."""
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+        stopping = asyncio.ensure_future(stop.wait())
         async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits, follow_redirects=False) as http:
-            while not stop.is_set():
-                try:
-                    self.wake.clear()
-                    if await self.step(http) >= self.concurrency:
-                        continue  # more may be due right now
-                except Exception:
-                    log.exception("webhook send step failed; retrying")
-                with contextlib.suppress(TimeoutError):
-                    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            try:
+                while not stop.is_set():
+                    free = self.concurrency - len(in_flight)
+                    if free > 0:
+                        self.wake.clear()
+                        try:
+                            due = await self.claim(free)
+                        except Exception:
+                            log.exception("claiming webhook deliveries failed; retrying")
+                            due = []
+                        in_flight.update(asyncio.create_task(self._deliver_logged(http, d)) for d in due)
+                        if due and len(due) == free:
+                            continue  # more may be due: claim again once a slot frees
+                    woken = asyncio.ensure_future(self.wake.wait())
                     try:
-                        await asyncio.wait(waits, timeout=self.poll_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(
+                            {stopping, woken, *in_flight},
+                            timeout=self.poll_ms / 1000,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
                     finally:
-                        for w in waits:
-                            w.cancel()
+                        woken.cancel()
+                    in_flight = {t for t in in_flight if not t.done()}
+            finally:
+                stopping.cancel()
+                if in_flight:
+                    _, late = await asyncio.wait(in_flight, timeout=self.timeout_s + 1)
+                    for task in late:
+                        task.cancel()

@@ -170,3 +170,44 @@ async def test_killing_the_service_mid_delivery_loses_no_event(
                 f"at the kill; all {len(expected)} events delivered {took:.1f} s after the restart began"
             )
         stuck.set()
+
+
+async def test_delivery_latency_against_a_real_serve(
+    servers: Servers, redis: Redis, wh_pg: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """From a stock event's XADD to the receiver, with the service in its own process (stream entry ids
+    are Redis's clock, the receiver's the same machine's)."""
+    env = {
+        **os.environ,
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": servers.database_url,
+        "STOCKHOLD_SHARDS": "16",
+        "STOCKHOLD_REQUIRE_AUTH": "false",
+    }
+    port = free_port()
+    async with (
+        running(Receiver()) as receiver,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http,
+        serve(env, tmp_path / "serve.log", port),
+    ):
+        created = await http.post("/v1/webhooks", json={"url": receiver.url + "/h", "events": ["sold_out"]})
+        receiver.secrets["/h"] = created.json()["secret"]
+        n = 50
+        for i in range(n):  # each SKU sold out by one reservation: one sold_out event each, a few ms apart
+            assert (await http.put(f"/v1/skus/lat-{i}", json={"on_hand": 1})).status_code == 201
+            assert (
+                await http.post(
+                    "/v1/reservations", json={"user_id": "u", "items": [{"sku": f"lat-{i}", "quantity": 1}]}
+                )
+            ).status_code == 201
+        await receiver.wait_for(lambda: len(receiver.events) == n, timeout_s=15)
+
+        rows = await wh_pg.fetch("SELECT id, stream_id FROM webhook_event")
+        xadd_ms = {r["id"]: int(r["stream_id"].split("-")[0]) for r in rows}
+        latencies = sorted(r.at * 1000 - xadd_ms[r.event_id] for r in receiver.requests if r.status == 200)
+        print(
+            f"\nsold_out delivery latency against `stockhold serve`, stream entry -> receiver, {n} events: "
+            f"median {latencies[n // 2]:.1f} ms, p90 {latencies[int(n * 0.9)]:.1f} ms, max {latencies[-1]:.1f} ms"
+        )
+        assert len(latencies) == n and all(r.verified for r in receiver.requests)
+        assert latencies[n // 2] < 500
