@@ -8,16 +8,18 @@
   between, or expired by another sweeper, is left alone. Index entries whose part is gone or no longer
   held are removed. The batch size bounds how long one call blocks Redis.
 
+  An expired held line's quota units go back to its reservation's channel.
   An expired held line's backordered units leave the SKU's backordered count and its backorder queue.
   An expired held line of a SKU with a hold cooldown counts as a lapse of the user's
   (includes/policy.lua).
 
-  Input (variable key count: 2 + per reservation (1 + 4 per line) + 1):
+  Input (variable key count: 2 + per reservation (1 + 5 per line) + 1):
     KEYS[1]   shard expiry index              sh:{s}:expiry
     KEYS[2]   shard event stream              sh:{s}:events
     then, per reservation r in ARGV order: its part key, then each line's SKU hash and per-user hash,
               then each line's hoarding record (sh:{s}:lapses:<tenant>:<sku>), then each line's
-              backorder queue (sh:{s}:boq:<tenant>:<sku>)
+              backorder queue (sh:{s}:boq:<tenant>:<sku>), then each line's channels
+              (sh:{s}:chan:<tenant>:<sku>)
     last      shard ready marker              sh:{s}:ready
 
     ARGV[1]   now, ms since the epoch
@@ -31,6 +33,7 @@
 ]]
 --@include common
 --@include policy
+--@include channels
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -44,7 +47,7 @@ local expired, skipped = 0, 0
 for _ = 1, count do
   local id, n = ARGV[a], tonumber(ARGV[a + 1])
   local part = KEYS[k]
-  local head = redis.call('HMGET', part, 'st', 'u', 't', 'exp', 'n')
+  local head = redis.call('HMGET', part, 'st', 'u', 't', 'exp', 'n', 'ch')
   local st, user, tenant, deadline = head[1], head[2], head[3], num(head[4])
   local live = st == 'held' or st == 'pending'
   if live and num(head[5]) ~= n then
@@ -62,6 +65,7 @@ for _ = 1, count do
         s.held = redis.call('HINCRBY', sku_key, 'held', -qty)
         add_user_units(user_key, user, -qty)
         s.bo = drop_backorder(sku_key, KEYS[k + 3 * n + i], part, sku, id, num(line[3])) or s.bo
+        drop_quota(KEYS[k + 4 * n + i], part, sku, head[6] or '')
         emit(stream, 'expired', tenant, sku, qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
           available(s, now), now, 'st', 'expired', 'lbo', 0)
         record_lapse(sku_key, KEYS[k + 2 * n + i], user, now)
@@ -80,6 +84,6 @@ for _ = 1, count do
     skipped = skipped + 1
   end
   a = a + 2 + n
-  k = k + 1 + 4 * n
+  k = k + 1 + 5 * n
 end
 return {expired, skipped}

@@ -6,19 +6,21 @@
   reservation spanning shards whose reserve failed on a later shard, leaving this shard exactly as it
   was before the reserve (counters, per-user units, expiry index).
 
+  A released held line's quota units go back to its reservation's channel (includes/channels.lua).
   A released held line's backordered units leave the SKU's backordered count and its backorder queue.
 
   A released held line of a SKU with a hold cooldown counts as a lapse of the user's (includes/policy.lua);
   an undo does not (the user never had the hold).
 
-  Input (variable key count: 4 + 4 per line):
+  Input (variable key count: 4 + 5 per line):
     KEYS[1]     the reservation's part on this shard     sh:{s}:res:<id>
     KEYS[2]     shard expiry index                       sh:{s}:expiry
     KEYS[3]     shard event stream                       sh:{s}:events
     KEYS[2+2i]  line i's SKU hash;  KEYS[3+2i] line i's per-user units hash
     KEYS[3+2n+i] line i's hoarding record                sh:{s}:lapses:<tenant>:<sku>
     KEYS[3+3n+i] line i's backorder queue                sh:{s}:boq:<tenant>:<sku>
-    KEYS[4+4n]  shard ready marker                       sh:{s}:ready (the last key)
+    KEYS[3+4n+i] line i's channels                       sh:{s}:chan:<tenant>:<sku>
+    KEYS[4+5n]  shard ready marker                       sh:{s}:ready (the last key)
 
     ARGV[1] reservation id
     ARGV[2] now, ms since the epoch
@@ -37,6 +39,7 @@
 --@include common
 --@include lines
 --@include policy
+--@include channels
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -45,8 +48,8 @@ end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, now, n, how = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 
-local head = redis.call('HMGET', part, 'st', 'u', 't')
-local st, user, tenant = head[1], head[2], head[3]
+local head = redis.call('HMGET', part, 'st', 'u', 't', 'ch')
+local st, user, tenant, channel = head[1], head[2], head[3], head[4] or ''
 if not st then
   return {-5}
 end
@@ -71,6 +74,7 @@ for i = 1, n do
     add_user_units(l.user_key, user, -l.qty)
     local bo = num(redis.call('HGET', part, 'b:' .. l.sku))
     s.bo = drop_backorder(l.sku_key, KEYS[3 + 3 * n + i], part, l.sku, id, bo) or s.bo
+    drop_quota(KEYS[3 + 4 * n + i], part, l.sku, channel)
     emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
       now, 'st', kind, 'lbo', 0)
     if how ~= 'undo' then

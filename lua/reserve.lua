@@ -7,10 +7,13 @@
   lines are held. A held line takes stock on hand first; what on hand cannot cover it takes on backorder,
   within the SKU's open presale (cap less the units already backordered): those units are counted in the
   SKU's `backordered`, kept on the part as `b:<sku>` and queued (oldest first) for receipts to fill.
+  With a channel (ARGV[11+2n]) that has a quota on the SKU, a line takes from the channel's fence first,
+  then, if the channel may borrow, as any other line does (includes/channels.lua); the units taken from
+  the quota count as the channel's `u:` and are kept on the part as `c:<sku>`, the channel as `ch`.
   Re-running with an id that already has a part here returns ALREADY and changes nothing, which makes
   retries after a crash safe.
 
-  Input (variable key count: 4 + 4 per line):
+  Input (variable key count: 4 + 5 per line):
     KEYS[1]       this reservation's part on the shard   sh:{s}:res:<id>
     KEYS[2]       shard expiry index                     sh:{s}:expiry
     KEYS[3]       shard event stream                     sh:{s}:events
@@ -18,7 +21,8 @@
     KEYS[3+2i]    line i's per-user units hash           sh:{s}:usr:<tenant>:<sku>
     KEYS[3+2n+i]  line i's hoarding record (read only)   sh:{s}:lapses:<tenant>:<sku>
     KEYS[3+3n+i]  line i's backorder queue               sh:{s}:boq:<tenant>:<sku>
-    KEYS[4+4n]    shard ready marker (the last key)      sh:{s}:ready
+    KEYS[3+4n+i]  line i's channels                      sh:{s}:chan:<tenant>:<sku>
+    KEYS[4+5n]    shard ready marker (the last key)      sh:{s}:ready
 
     ARGV[1] reservation id
     ARGV[2] tenant
@@ -33,6 +37,7 @@
     ARGV[6+2i] line i's sku;  ARGV[7+2i] line i's quantity (1..1000)
     ARGV[8+2n], ARGV[9+2n], ARGV[10+2n]  the buyer's account_age_days, orders_count, member_days
             ('' when the checkout did not send it), for eligibility rules
+    ARGV[11+2n] the reservation's channel, '' for none
 
   Output:
     {0, status, deadline, b1, eta1, ..., bn, etan}
@@ -48,14 +53,17 @@
     {-12, i, until}              HOLD_COOLDOWN: the user's holds on line i's SKU lapsed too often; no
                                  new hold before `until` (ms)
                                  Policy refusals come before stock; the first refused line wins.
-    {-2, i1, avail1, i2, ...}    INSUFFICIENT_STOCK: each short line with the units available to it
-                                 (on hand and on backorder)
+    {-2, i1, avail1, total1, i2, ...}
+                                 INSUFFICIENT_STOCK: each short line with the units available to it
+                                 (its channel's fence, the shared pool, on backorder) and to anyone at
+                                 all (every fence included: 0 means sold out for every channel)
     {-9, i}                      DUPLICATE_LINE: line i names a SKU an earlier line named (lines must be
                                  distinct; the API refuses such requests before they get here)
     {-10}                        NOT_READY: the shard awaits a rebuild; nothing changed
 ]]
 --@include common
 --@include policy
+--@include channels
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -65,6 +73,7 @@ local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, tenant, user, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local n = tonumber(ARGV[7])
 local age, orders, member = tonumber(ARGV[8 + 2 * n]), tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
+local channel = ARGV[11 + 2 * n] or ''
 
 if redis.call('EXISTS', part) == 1 then
   local st = redis.call('HMGET', part, 'st', 'exp')
@@ -106,17 +115,16 @@ for i = 1, n do
       refusal = {-3, i, s.limit, units}
     end
   end
-  local on_hand = on_hand_free(s)
-  local free = on_hand + presale_free(s, now)
+  local from_quota, bo, free = split_line(s, KEYS[3 + 4 * n + i], channel, qty, now)
   if qty > free then
     short[#short + 1] = i
     short[#short + 1] = free
+    short[#short + 1] = available(s, now)
   end
-  local bo = 0
-  if s.mode ~= 'on_payment' and qty > on_hand then
-    bo = qty - on_hand
+  if s.mode == 'on_payment' then
+    from_quota, bo = 0, 0  -- holds nothing now: confirm deducts it
   end
-  lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s, bo = bo}
+  lines[i] = {sku_key = sku_key, user_key = user_key, sku = sku, qty = qty, s = s, bo = bo, lq = from_quota}
 end
 if refusal then
   return refusal
@@ -161,12 +169,13 @@ for i = 1, n do
       eta = num(redis.call('HGET', l.sku_key, 'presale_eta'))
     end
   end
+  take_quota(KEYS[3 + 4 * n + i], part, l.sku, channel, l.lq)
   if i == 1 and doc ~= '' then
     emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
-      now, 'st', status, 'exp', deadline, 'lbo', l.bo, 'doc', doc)
+      now, 'st', status, 'exp', deadline, 'lbo', l.bo, 'lq', l.lq, 'doc', doc)
   else
     emit(stream, kind, tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0, available(s, now),
-      now, 'st', status, 'exp', deadline, 'lbo', l.bo)
+      now, 'st', status, 'exp', deadline, 'lbo', l.bo, 'lq', l.lq)
   end
   reply[#reply + 1] = l.bo
   reply[#reply + 1] = eta
@@ -188,6 +197,9 @@ for i = 1, n do
   if lines[i].bo > 0 then
     redis.call('HSET', part, 'b:' .. lines[i].sku, lines[i].bo)
   end
+end
+if channel ~= '' then
+  redis.call('HSET', part, 'ch', channel)
 end
 if deadline > 0 then
   -- a pending part (only on_payment lines) of a reservation that has a deadline expires with it,

@@ -5,9 +5,9 @@
   A part confirmed from a hold goes back to held (re-entering the expiry index; the sweeper expires it
   if its deadline has passed; its backordered units stay backordered). A part confirmed by direct
   deduction goes back to its previous status (expired or pending) and returns the units, those it took
-  on backorder included.
+  on backorder included, and its quota units to its channel.
 
-  Input (variable key count: 4 + 3 per line, the ready marker last): as confirm.lua.
+  Input (variable key count: 4 + 4 per line, the ready marker last): as confirm.lua.
     ARGV[1] reservation id; ARGV[2] now (ms); ARGV[3] number of lines n; ARGV[3+i] line i's sku
 
   Output:
@@ -19,6 +19,7 @@
 ]]
 --@include common
 --@include lines
+--@include channels
 --@include ready
 
 if not shard_ready(KEYS[#KEYS]) then
@@ -27,8 +28,9 @@ end
 local part, expiry, stream = KEYS[1], KEYS[2], KEYS[3]
 local id, now, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local head = redis.call('HMGET', part, 'st', 'u', 't', 'pst', 'cf', 'exp')
+local head = redis.call('HMGET', part, 'st', 'u', 't', 'pst', 'cf', 'exp', 'ch')
 local st, user, tenant, previous, how, deadline = head[1], head[2], head[3], head[4], head[5], num(head[6])
+local channel = head[7] or ''
 if not st then
   return {-5}
 end
@@ -53,6 +55,7 @@ for i = 1, n do
   else
     add_user_units(l.user_key, user, -l.qty)
     s.bo = drop_backorder(l.sku_key, KEYS[3 + 2 * n + i], part, l.sku, id, bo) or s.bo
+    drop_quota(KEYS[3 + 3 * n + i], part, l.sku, channel)
     emit(stream, 'unsold', tenant, l.sku, l.qty, id, user, s.on_hand, s.held, s.sold, s.bo, av0,
       available(s, now), now, 'st', previous, 'lbo', 0)
   end

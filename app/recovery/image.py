@@ -4,7 +4,8 @@ reconcile compares Redis against.
 Counters are recomputed from the reservations rather than copied from the last event's "after" values:
 ``held`` is the sum of the held lines of held parts, ``sold`` of the lines of confirmed parts, and each
 user's units likewise, so a hold whose events never reached PostgreSQL cannot leave units held forever.
-``backordered`` is the sum of those lines' backordered units. ``on_hand`` and the settings, the presale's
+``backordered`` is the sum of those lines' backordered units, and each sales channel's ``used`` the sum of
+its reservations' lines' units from its quota. ``on_hand`` and the settings, the presale's
 included, are the SKU row's (the newest persisted event's).
 
 A rebuilt shard must keep invariant 1. A hold persisted as live whose release was lost with Redis could
@@ -33,9 +34,10 @@ LOAD_SKUS = """
 SELECT tenant, sku, on_hand, safety_stock, mode, hold_ttl_seconds, per_user_limit, policy, presale FROM sku
 """
 LOAD_LISTINGS = "SELECT tenant, listing, components::text AS components FROM listing"
+LOAD_CHANNELS = "SELECT tenant, sku, channel, quota, priority, borrow FROM sku_channel"
 LOAD_LINES = """
 SELECT reservation_id, sku, shard, tenant, user_id, quantity, held, status, status_before, confirmed_how,
-       expires_at_ms, created_at_ms, event_ms, event_seq, backordered
+       expires_at_ms, created_at_ms, event_ms, event_seq, backordered, from_quota
 FROM reservation_line
 """
 LOAD_DOCS = """
@@ -43,6 +45,23 @@ SELECT id, user_id, channel, items, (extract(epoch FROM created_at) * 1000)::big
        (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms
 FROM reservation WHERE id = ANY($1::text[])
 """
+
+
+@dataclass
+class ChannelImage:
+    quota: int
+    priority: int
+    borrow: bool
+    used: int = 0
+
+    def fields(self, name: str) -> dict[str, int]:
+        """The channel's fields in the SKU's channels hash (lua/includes/channels.lua)."""
+        return {
+            f"q:{name}": self.quota,
+            f"u:{name}": self.used,
+            f"p:{name}": self.priority,
+            f"b:{name}": int(self.borrow),
+        }
 
 
 @dataclass
@@ -61,6 +80,7 @@ class SkuImage:
     held: int = 0
     sold: int = 0
     backordered: int = 0
+    channels: dict[str, ChannelImage] = field(default_factory=dict)
 
     @property
     def cap(self) -> int:
@@ -81,6 +101,7 @@ class LineImage:
     quantity: int
     held: bool
     backordered: int = 0  # units on backorder while the line holds or is sold
+    from_quota: int = 0  # units from its reservation's channel's quota while the line holds or is sold
 
 
 @dataclass
@@ -96,6 +117,7 @@ class PartImage:
     status_before: str | None = None
     confirmed_how: str | None = None
     doc: str | None = None  # on the home part only
+    channel: str | None = None  # the reservation's
     dropped: bool = False  # expired by the rebuild to restore invariant 1
 
     def units(self, line: LineImage) -> tuple[int, int, int, int]:
@@ -140,10 +162,11 @@ def _policy(stored: str | dict[str, object]) -> dict[str, int]:
     return {f: int(str(values.get(f) or 0)) for f in POLICY_FIELDS}
 
 
-def _presale(stored: str | dict[str, object] | None) -> dict[str, int]:
-    """The presale's PRESALE_FIELDS from the sku.presale column (NULL: none, every field 0)."""
+def _presale(stored: str | dict[str, object] | None) -> tuple[int, int, int]:
+    """The presale's PRESALE_FIELDS (cap, eta, ends_at) from the sku.presale column (NULL: none, all 0)."""
     values = (orjson.loads(stored) if isinstance(stored, str) else stored) or {}
-    return {f: int(str(values.get(f) or 0)) for f in PRESALE_FIELDS}
+    cap, eta, ends = (int(str(values.get(f) or 0)) for f in PRESALE_FIELDS)
+    return cap, eta, ends
 
 
 async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -> dict[int, ShardImage]:
@@ -151,6 +174,7 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
     images = {s: ShardImage(s) for s in wanted}
     async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         sku_rows = await conn.fetch(LOAD_SKUS)
+        channel_rows = await conn.fetch(LOAD_CHANNELS)
         listing_rows = await conn.fetch(LOAD_LISTINGS)
         line_rows = await conn.fetch(LOAD_LINES)
         by_part: dict[tuple[str, int], list[asyncpg.Record]] = {}
@@ -173,8 +197,13 @@ async def load_images(pg: asyncpg.Pool, keys: KeySpace, shards: Iterable[int]) -
                 row["hold_ttl_seconds"],
                 row["per_user_limit"] or 0,
                 _policy(row["policy"]),
-                **_presale(row["presale"]),
+                *_presale(row["presale"]),
             )
+    for row in channel_rows:
+        shard = keys.shard_of(row["tenant"], row["sku"])
+        sku_image = images[shard].skus.get((row["tenant"], row["sku"])) if shard in wanted else None
+        if sku_image is not None:
+            sku_image.channels[row["channel"]] = ChannelImage(row["quota"], row["priority"], row["borrow"])
     for row in listing_rows:
         shard = keys.shard_of(row["tenant"], row["listing"])
         if shard in wanted:
@@ -218,11 +247,12 @@ def _part(rid: str, shard: int, rows: list[asyncpg.Record], doc: asyncpg.Record 
         deadline=deadline,
         created_at=created,
         lines=[
-            LineImage(r["sku"], r["quantity"], r["held"], r["backordered"])
+            LineImage(r["sku"], r["quantity"], r["held"], r["backordered"], r["from_quota"])
             for r in sorted(rows, key=lambda r: r["sku"])
         ],
         status_before=newest["status_before"],
         confirmed_how=newest["confirmed_how"],
+        channel=doc["channel"] if doc is not None else None,
     )
 
 
@@ -240,6 +270,8 @@ def _doc(row: asyncpg.Record | None, lines: list[asyncpg.Record], user_id: str) 
 def _count(image: ShardImage) -> None:
     for counted in image.skus.values():
         counted.held = counted.sold = counted.backordered = 0
+        for channel in counted.channels.values():
+            channel.used = 0
     image.users = {}
     for part in image.parts:
         for line in part.lines:
@@ -251,6 +283,8 @@ def _count(image: ShardImage) -> None:
             sku.held += held
             sku.sold += sold
             sku.backordered += backordered
+            if units and part.channel in sku.channels:
+                sku.channels[part.channel].used += line.from_quota
             if units:
                 per_user = image.users.setdefault((part.tenant, line.sku), {})
                 per_user[part.user_id] = per_user.get(part.user_id, 0) + units

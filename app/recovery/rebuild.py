@@ -132,11 +132,16 @@ class Rebuilder:
                 "presale_eta": sku.presale_eta,
                 "presale_ends_at": sku.presale_ends_at,
             }
+            if sku.channels:  # absent: none, as set_channel-5.lua leaves a SKU that never had one
+                mapping["channels"] = len(sku.channels)
             commands.append(("hset", (k.sku(shard, sku.tenant, sku.sku), mapping)))
+            if sku.channels:
+                fields = {f: v for name, c in sku.channels.items() for f, v in c.fields(name).items()}
+                commands.append(("hset", (k.channels(shard, sku.tenant, sku.sku), fields)))
         for (tenant, sku_name), users in image.users.items():
             commands.append(("hset", (k.user_counts(shard, tenant, sku_name), users)))
         for part in image.parts:
-            commands.append(("hset", (k.reservation(shard, part.reservation_id), _part_fields(part))))
+            commands.append(("hset", (k.reservation(shard, part.reservation_id), _part_fields(part, image))))
         for (tenant, listing), components in image.listings.items():
             commands.append(("set", (k.listing(shard, tenant, listing), components)))
         expiry = image.expiry()
@@ -165,7 +170,7 @@ async def _release(lock: Lock) -> None:
         await lock.release()
 
 
-def _part_fields(part: PartImage) -> dict[str, Any]:
+def _part_fields(part: PartImage, image: ShardImage) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "st": part.status,
         "u": part.user_id,
@@ -179,6 +184,12 @@ def _part_fields(part: PartImage) -> dict[str, Any]:
         fields[f"h:{line.sku}"] = 1 if line.held else 0
         if part.backordered(line):
             fields[f"b:{line.sku}"] = line.backordered
+        sku = image.skus.get((part.tenant, line.sku))
+        # quota units only where the channel is known: releasing them gives them back to its `u:`
+        if part.units(line)[2] and line.from_quota and sku is not None and part.channel in sku.channels:
+            fields[f"c:{line.sku}"] = line.from_quota
+    if part.channel:
+        fields["ch"] = part.channel
     if part.doc is not None:
         fields["doc"] = part.doc
     if part.status == "confirmed":

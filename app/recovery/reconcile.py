@@ -35,9 +35,10 @@ FIELDS = (
     *POLICY_FIELDS,
     "backordered",
     *PRESALE_FIELDS,
+    "channels",
 )
 # Fields a SKU written before they existed lacks in Redis: absent reads as 0, as the scripts read it.
-_ZERO_WHEN_ABSENT = frozenset({*POLICY_FIELDS, "backordered", *PRESALE_FIELDS})
+_ZERO_WHEN_ABSENT = frozenset({*POLICY_FIELDS, "backordered", *PRESALE_FIELDS, "channels"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +52,13 @@ class Drift:
 
 
 def _values(image: SkuImage | None) -> dict[str, str]:
+    """The fields a SKU should have in Redis: FIELDS, then its channels' as `channels q:<c>` etc."""
     if image is None:
         return {}
-    values = {f: str(getattr(image, f)) for f in FIELDS if f not in POLICY_FIELDS}
+    values = {f: str(getattr(image, f)) for f in FIELDS if f not in POLICY_FIELDS and f != "channels"}
+    values["channels"] = str(len(image.channels))
+    for name, channel in image.channels.items():
+        values |= {f"channels {f}": str(v) for f, v in channel.fields(name).items()}
     return values | {f: str(image.policy.get(f, 0)) for f in POLICY_FIELDS}
 
 
@@ -70,17 +75,20 @@ async def _redis_snapshot(
     names = [k async for k in redis.scan_iter(match=keys.sku(shard, "*", "*"), count=1000)]
     async with redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one instant of the shard
         for name in names:
+            tenant, _, sku = name[len(prefix) :].partition(":")
             pipe.hmget(name, list(FIELDS))
+            pipe.hgetall(keys.channels(shard, tenant, sku))
         pipe.xinfo_stream(keys.events(shard))
         pipe.time()
         *rows, stream, (seconds, micros) = await pipe.execute(raise_on_error=False)
-    for name, row in zip(names, rows, strict=True):
+    for name, row, channels in zip(names, rows[0::2], rows[1::2], strict=True):
         tenant, _, sku = name[len(prefix) :].partition(":")
         if not isinstance(row, Exception) and row[0] is not None:  # a SKU deleted meanwhile is skipped
             # a policy or presale field absent from the hash is off, as PostgreSQL's 0 says
             found[(tenant, sku)] = {
                 f: "0" if v is None and f in _ZERO_WHEN_ABSENT else str(v) for f, v in zip(FIELDS, row, strict=True)
             }
+            found[(tenant, sku)] |= {f"channels {f}": str(v) for f, v in channels.items()}
     if isinstance(stream, Exception):  # no such key: no event in flight
         return found, (int(seconds) * 1000 + int(micros) // 1000, -1)
     ms, _, seq = str(stream["last-generated-id"]).partition("-")
@@ -121,7 +129,7 @@ async def compare(redis: Redis, pg: asyncpg.Pool, keys: KeySpace, rounds: int = 
                 have, want = live.get(key, {}), _values(expected.get(key))
                 drift += [
                     Drift(shard, key[0], key[1], f, have.get(f, "-"), want.get(f, "-"))
-                    for f in FIELDS
+                    for f in [*FIELDS, *sorted((set(have) | set(want)) - set(FIELDS))]
                     if have.get(f, "-") != want.get(f, "-")
                 ]
         if not changed:

@@ -24,6 +24,7 @@ class ScriptCode(IntEnum):
     HOLD_COOLDOWN = -12  # the user's holds on the SKU lapsed too often of late
     ORDER_LIMIT = -13  # a line asks for more than the SKU's max_per_order
     STALE = -14  # a receipt named reservations that no longer head the backorder queue: read it again
+    TOO_MANY_CHANNELS = -15  # a SKU has as many channels as it may
 
 
 class StockError(Exception):
@@ -42,8 +43,16 @@ class SkuNotFound(StockError):
 
 
 class InsufficientStock(StockError):
+    """`items`: each short line's sku, requested and available (to it: its channel's fence, the shared pool,
+    backorder). `totals`: per SKU, what anyone at all could take, every fence included (not shown: it is
+    what the sold-out fast path learns from, a channel's used-up quota not being the SKU sold out)."""
+
     code = "insufficient_stock"
     title = "Insufficient stock"
+
+    def __init__(self, detail: str, totals: dict[str, int] | None = None, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.totals = totals if totals is not None else {i["sku"]: i["available"] for i in extra.get("items", [])}
 
 
 class LimitExceeded(StockError):
@@ -79,6 +88,11 @@ class RateLimited(RetryLater):
 class StockConflict(StockError):
     code = "stock_conflict"
     title = "Stock conflict"
+
+
+class TooManyChannels(StockError):
+    code = "too_many_channels"
+    title = "Too many channels"
 
 
 class ListingNotFound(StockError):

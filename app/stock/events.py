@@ -36,6 +36,7 @@ EFFECTS: dict[str, tuple[int, int, int, int]] = {
     "adjusted": (1, 0, 0, 0),
     "received": (1, 0, 0, 0),
     "filled": (0, 0, 0, 0),  # moves units from backordered to normal: `bo` on the event says how many are left
+    "channel_set": (0, 0, 0, 0),  # a channel's quota, priority or borrowing set: no unit moves
     "held": (0, 1, 0, 1),
     "pending": (0, 0, 0, 0),
     "confirmed": (0, -1, 1, 0),

@@ -13,6 +13,8 @@ Layout (``s`` = shard number)::
     sh:{s}:boq:<tenant>:<sku>     ZSET  reservation_id -> when its line took units on backorder (ms): the
                                         presale's queue that receipts fill, oldest first (the line's units
                                         are the part's `b:<sku>` field)
+    sh:{s}:chan:<tenant>:<sku>    HASH  the SKU's sales channels: q:/u:/p:/b:<channel> = quota, used, priority,
+                                        borrow (lua/includes/channels.lua)
     sh:{s}:listing:<tenant>:<id>  STRING a listing's components (JSON), on the shard of (tenant, listing id)
     sh:{s}:res:<reservation_id>   HASH  one reservation's part on this shard (+ the document on its home shard)
     sh:{s}:expiry                 ZSET  reservation_id -> deadline (ms) of live pre_reserve holds
@@ -71,6 +73,9 @@ class KeySpace:
     def backorder_queue(self, shard: int, tenant: str, sku: str) -> str:
         return f"{self._tag(shard)}:boq:{tenant}:{sku}"
 
+    def channels(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:chan:{tenant}:{sku}"
+
     def listing(self, shard: int, tenant: str, listing: str) -> str:
         return f"{self._tag(shard)}:listing:{tenant}:{listing}"
 
@@ -115,14 +120,12 @@ class KeySpace:
 
     def rebuilt_from_postgres(self, shard: int, key: str) -> bool:
         """Whether a rebuild replaces this key of the shard: stock state (SKUs, per-user units,
-        reservation parts, expiry index, backorder queues, ready marker) and listings yes; the event stream
+        reservation parts, expiry index, backorder queues, channels, ready marker) and listings yes; the event stream
         (it may hold events not yet persisted), idempotency records, leases and the rebuild lock no."""
         tag = self._tag(shard)
-        return (
-            key == self.expiry(shard)
-            or key == self.ready(shard)
-            or key.startswith((f"{tag}:sku:", f"{tag}:usr:", f"{tag}:res:", f"{tag}:boq:", f"{tag}:listing:"))
-        )
+        kinds = ("sku", "usr", "res", "boq", "chan", "listing")
+        rebuilt = key.startswith(tuple(f"{tag}:{k}:" for k in kinds))
+        return rebuilt or key == self.expiry(shard) or key == self.ready(shard)
 
     def all_shards(self) -> range:
         return range(self.shard_count)

@@ -13,6 +13,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from app.stock.channels import ChannelState
 from app.stock.policy import Buyer, Eligibility, HoldCooldown, Policy
 from app.stock.presale import Presale, PresaleState, presale_free
 
@@ -174,6 +175,11 @@ class SkuState(BaseModel):
     hold_cooldown: HoldCooldown | None
     backordered: int = 0  # units held or sold on backorder, not yet arrived (see presale)
     presale: PresaleState | None = None
+    # `available` is what a reservation naming `channel` (null: none) may take; with channels that is
+    # less than what all of them together may, `available_total`
+    channel: str | None = None
+    available_total: int = 0
+    channels: list[ChannelState] = []
 
 
 class ReceiptState(SkuState):

@@ -18,7 +18,7 @@ a Redis that lost its data answers not_ready until it is rebuilt from PostgreSQL
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
+from app.stock.channels import MAX_CHANNELS, ChannelSettings, channel_states
 from app.stock.clock import now_ms
 from app.stock.errors import (
     HoldCooldown,
@@ -45,13 +46,14 @@ from app.stock.errors import (
     SkuNotFound,
     StockConflict,
     StockError,
+    TooManyChannels,
 )
 from app.stock.events import ReservationRecord, SaleLedger, parse_entries
 from app.stock.idempotency import IdempotencyRequest
 from app.stock.keys import KeySpace
 from app.stock.listings import ListingCatalogue
 from app.stock.policy import ELIGIBILITY_RULES, NO_BUYER_ARGS, POLICY_FIELDS, policy_from_flat
-from app.stock.presale import NO_PRESALE_ARGS, PRESALE_FIELDS, presale_state
+from app.stock.presale import NO_PRESALE_ARGS, PRESALE_FIELDS, presale_free, presale_state
 from app.stock.reservation_ids import home_shard_of, new_reservation_id
 from app.stock.schemas import (
     Adjustment,
@@ -181,7 +183,7 @@ class StockService:
         )
         if int(reply[0]) < 0:
             raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
-        state = self._seen(tenant, _sku_state(sku, reply[1:]))
+        state = self._seen(tenant, await self._state(shard, tenant, sku, reply[1:]))
         return state, int(reply[0]) == 1
 
     async def adjust(
@@ -209,7 +211,7 @@ class StockService:
         )
         if int(reply[0]) < 0:
             raise _script_error(int(reply[0]), reply, sku=sku, shard=shard)
-        return self._seen(tenant, _sku_state(sku, reply[1:]))
+        return self._seen(tenant, await self._state(shard, tenant, sku, reply[1:]))
 
     async def receive(
         self, tenant: str, sku: str, receipt: Receipt, idem: IdempotencyRequest | None = None
@@ -249,7 +251,7 @@ class StockService:
                 continue
             if code < 0:
                 raise _script_error(code, reply, sku=sku, shard=shard)
-            state = self._seen(tenant, _sku_state(sku, reply[1:]))
+            state = self._seen(tenant, await self._state(shard, tenant, sku, reply[1:]))
             filled, lines = (int(v) for v in reply[1 + len(SKU_STATE_FIELDS) :][:2])
             return ReceiptState(**state.model_dump(), filled=filled, filled_lines=lines)
         raise ReservationBusy(f"the backorders of SKU {sku!r} kept changing during the receipt; retry")
@@ -276,25 +278,79 @@ class StockService:
             start += RECEIPT_PAGE
         return ids
 
-    async def get_sku(self, tenant: str, sku: str) -> SkuState:
+    async def put_channel(
+        self,
+        tenant: str,
+        sku: str,
+        channel: str,
+        settings: ChannelSettings,
+        idem: IdempotencyRequest | None = None,
+    ) -> tuple[SkuState, bool]:
+        """Creates or updates one sales channel of a SKU (set_channel-5.lua, atomic with its event and its
+        idempotency record). Returns the SKU's state as that channel sees it, and whether it was created."""
+        shard = self.keys.shard_of(tenant, sku)
+        reply = await self.scripts.call(
+            "set_channel",
+            [
+                self.keys.sku(shard, tenant, sku),
+                self.keys.channels(shard, tenant, sku),
+                self.keys.events(shard),
+                self._idem_key(shard, tenant, idem),
+                self.keys.ready(shard),
+            ],
+            [
+                tenant,
+                sku,
+                channel,
+                *settings.script_args(),
+                now_ms(),
+                idem.fingerprint if idem else "",
+                self._idem_ttl,
+                MAX_CHANNELS,
+            ],
+        )
+        code = int(reply[0])
+        if code == ScriptCode.STOCK_CONFLICT:
+            used = int(reply[1])
+            raise StockConflict(
+                f"channel {channel!r} already took {used} units of SKU {sku!r} from its quota; the quota may not be"
+                f" lower than that (releases and expiries give units back)",
+                used=used,
+                field="quota",
+            )
+        if code == ScriptCode.TOO_MANY_CHANNELS:
+            raise TooManyChannels(f"SKU {sku!r} has {int(reply[1])} channels, the most a SKU may have")
+        if code < 0:
+            raise _script_error(code, reply, sku=sku, shard=shard)
+        return await self.get_sku(tenant, sku, channel), code == 1
+
+    async def _state(self, shard: int, tenant: str, sku: str, values: Sequence[Any]) -> SkuState:
+        """A catalogue script's reply as the SKU's state, with its channels (read after the call)."""
+        channels = await self.redis.hgetall(self.keys.channels(shard, tenant, sku))
+        return _sku_state(sku, values, {str(f): str(v) for f, v in channels.items()})
+
+    async def get_sku(self, tenant: str, sku: str, channel: str | None = None) -> SkuState:
+        """The SKU's state; `available` is what a reservation naming `channel` (None: no channel) may take."""
         shard = self.keys.shard_of(tenant, sku)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.ready(shard))
             pipe.hmget(self.keys.sku(shard, tenant, sku), SKU_STATE_FIELDS)
-            ready, values = await pipe.execute()
+            pipe.hgetall(self.keys.channels(shard, tenant, sku))
+            ready, values, channels = await pipe.execute()
         if not ready:
             raise NotReady.for_shard(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
-        state = _sku_state(sku, values)
-        if self.sold_out is not None and state.available > 0:  # a read never teaches "sold out": only a refusal does
+        state = _sku_state(sku, values, channels, channel)
+        # a read never teaches "sold out": only a refusal does
+        if self.sold_out is not None and state.available_total > 0:
             self.sold_out.forget(tenant, [sku])
         return state
 
     def _seen(self, tenant: str, state: SkuState) -> SkuState:
         """Tells the sold-out fast path what a change made by this process left of a SKU."""
         if self.sold_out is not None:
-            self.sold_out.learn(tenant, state.sku, state.available)
+            self.sold_out.learn(tenant, state.sku, state.available_total)
         return state
 
     # -- reservations ---------------------------------------------------------------------------------
@@ -365,7 +421,10 @@ class StockService:
                     part,
                     [rid, tenant, request.user_id, now, shared, doc if i == 0 else ""],
                     with_quantities=True,
-                    tail_args=request.buyer.script_args() if request.buyer else NO_BUYER_ARGS,
+                    tail_args=[
+                        *(request.buyer.script_args() if request.buyer else NO_BUYER_ARGS),
+                        request.channel or "",
+                    ],
                 )
                 code = int(reply[0])
                 if code < 0:
@@ -379,8 +438,8 @@ class StockService:
                         backorders[index] = (int(reply[j]), int(reply[j + 1]))
         except BaseException as exc:
             if isinstance(exc, InsufficientStock) and self.sold_out is not None:
-                for short in exc.extra["items"]:
-                    self.sold_out.learn(tenant, short["sku"], short["available"])
+                for sku, total in exc.totals.items():
+                    self.sold_out.learn(tenant, sku, total)
             # A refusal, or an error that leaves the current part's outcome unknown: all-or-nothing, so
             # undo every part done so far, an earlier attempt's included, and the current one (undoing a
             # part that does not exist changes nothing). The lease keeps other calls out meanwhile.
@@ -571,6 +630,7 @@ class StockService:
         if script in _WITH_HOARDING_RECORDS:
             keys.extend(self.keys.lapses(shard, tenant, item.sku) for _, item in part.lines)
         keys.extend(self.keys.backorder_queue(shard, tenant, item.sku) for _, item in part.lines)
+        keys.extend(self.keys.channels(shard, tenant, item.sku) for _, item in part.lines)
         keys.append(self.keys.ready(shard))
         args.extend(tail_args)
         return await self.scripts.call(script, keys, args)
@@ -631,23 +691,33 @@ class StockService:
         )
 
 
-def _sku_state(sku: str, values: Sequence[Any]) -> SkuState:
+def _sku_state(
+    sku: str, values: Sequence[Any], channels: Mapping[str, str] | None = None, channel: str | None = None
+) -> SkuState:
     """A SkuState from SKU_STATE_FIELDS' values (a script's reply or an HMGET; values past them are
-    ignored). Policy and presale values may be missing or None: a SKU, or an idempotency record, from
-    before purchase policies or presales has none."""
+    ignored) and the SKU's channels hash; `available` for a reservation naming `channel`. Policy and
+    presale values may be missing or None: a SKU, or an idempotency record, from before purchase
+    policies or presales has none."""
     on_hand, safety, held, sold = (int(v) for v in values[:4])
     limit = int(values[6])
     tail = [int(v or 0) for v in values[7 : len(SKU_STATE_FIELDS)]]
     tail += [0] * (len(SKU_STATE_FIELDS) - 7 - len(tail))
     policy, (backordered, cap, eta, ends) = tail[: len(POLICY_FIELDS)], tail[len(POLICY_FIELDS) :]
     now = now_ms()
+    total = available_units(on_hand, safety, held, sold, backordered, cap, ends, now)
+    pre = presale_free(backordered, cap, ends, now)
+    shared, states = channel_states(channels or {}, total - pre, pre)
+    available = next((c.available for c in states if c.channel == channel), shared + pre)
     return SkuState(
         sku=sku,
         on_hand=on_hand,
         safety_stock=safety,
         held=held,
         sold=sold,
-        available=available_units(on_hand, safety, held, sold, backordered, cap, ends, now),
+        available=available,
+        channel=channel,
+        available_total=total,
+        channels=states,
         mode=Mode(values[4]),
         hold_ttl_seconds=int(values[5]),
         per_user_limit=limit or None,
@@ -691,12 +761,16 @@ def _script_error(
         name = item(reply[1]).sku if part is not None else sku
         return SkuNotFound(f"SKU {name!r} does not exist", sku=name)
     if code == ScriptCode.INSUFFICIENT_STOCK:
+        # (line, available to it, available to anyone): the problem document shows the first two; the
+        # sold-out fast path learns from the third (a channel's quota used up is not the SKU sold out)
+        triples = range(1, len(reply), 3)
         short = [
             {"sku": item(reply[i]).sku, "requested": item(reply[i]).quantity, "available": int(reply[i + 1])}
-            for i in range(1, len(reply), 2)
+            for i in triples
         ]
+        totals = {item(reply[i]).sku: int(reply[i + 2]) for i in triples}
         names = ", ".join(f"{s['sku']} ({s['available']} available, {s['requested']} requested)" for s in short)
-        return InsufficientStock(f"not enough stock for {names}", items=short)
+        return InsufficientStock(f"not enough stock for {names}", totals=totals, items=short)
     if code == ScriptCode.LIMIT_EXCEEDED:
         line, limit, units = item(reply[1]), int(reply[2]), int(reply[3])
         return LimitExceeded(

@@ -78,6 +78,7 @@ class ExpirySweeper:
                 keys.append(self.keys.user_counts(shard, tenant, sku))
             keys.extend(self.keys.lapses(shard, tenant, sku) for sku in skus)  # hoarding records
             keys.extend(self.keys.backorder_queue(shard, tenant, sku) for sku in skus)
+            keys.extend(self.keys.channels(shard, tenant, sku) for sku in skus)
             args += [rid, len(skus), *skus]
         keys.append(self.keys.ready(shard))
         return await self.scripts.call("expire_holds", keys, args)

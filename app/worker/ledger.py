@@ -2,12 +2,12 @@
 of record keeps beside it (``sku``, ``reservation``, ``reservation_line``, ``worker_progress``).
 
 A batch is one call of ``persist_event_batch()`` (migrations/0003_persist_event_batch.sql, wrapped by
-0004_purchase_policy.sql to store the purchase policy and by 0007_presale.sql to store the presale and
-the backordered units): the statements for every table run there, in one round trip whatever the
-batch's size. Python builds the
-rows (the newest event per SKU, the lines merged per reservation) and sorts each table's by primary key;
-the function writes the tables in a fixed sequence, so concurrent writers (several workers, confirm's
-write-through) lock rows in one global order and wait for each other but never deadlock. Everything is
+0004_purchase_policy.sql to store the purchase policy, by 0007_presale.sql to store the presale and
+the backordered units, and by 0009_channels.sql to store the sales channels): the statements for every
+table run there, in one round trip whatever the batch's size. Python builds the rows (the newest event
+per SKU, the lines merged per reservation) and sorts each table's by primary key; the function writes
+the tables in a fixed sequence, so concurrent writers (several workers, confirm's write-through) lock
+rows in one global order and wait for each other but never deadlock. Everything is
 idempotent on the event id: the ledger row is ``ON CONFLICT DO NOTHING`` and every projection row records
 the id (ms, seq) of the event it reflects and only takes a later one, so an event delivered twice, or out
 of order (a redelivered batch, a confirm written through before the worker reached its hold), leaves the
@@ -179,7 +179,12 @@ def _reservation_rows(
                 user, channel, items = doc["user_id"], doc.get("channel"), doc["items"]
                 docs[rid] = _document(rid, f["tenant"], user, channel, items, f["at"], deadline)
         line |= {"status": f["st"], "status_before": f.get("pst"), "confirmed_how": f.get("cf")}
-        line["backordered"] = f.get("lbo")  # the line's backordered units after this event
+        # the line's backordered units after this event, and its units from its channel's quota (set by
+        # reserve and confirm): kept from an earlier event of the batch when this one does not say
+        if "lbo" in f:
+            line["backordered"] = f["lbo"]
+        if "lq" in f:
+            line["from_quota"] = f["lq"]
         line["event_ms"], line["event_seq"] = e.position
     return lines, docs
 

@@ -102,12 +102,13 @@ end
 -- Reads the counters and settings of one SKU hash: nil when the SKU does not exist.
 local function read_sku(key)
   local v = redis.call('HMGET', key, 'on_hand', 'safety_stock', 'held', 'sold', 'mode',
-    'hold_ttl_seconds', 'per_user_limit', 'backordered', 'presale_cap', 'presale_ends_at')
+    'hold_ttl_seconds', 'per_user_limit', 'backordered', 'presale_cap', 'presale_ends_at', 'channels')
   if not v[1] then
     return nil
   end
   return {
     on_hand = num(v[1]), safety = num(v[2]), held = num(v[3]), sold = num(v[4]),
     mode = v[5], ttl = num(v[6]), limit = num(v[7]), bo = num(v[8]), cap = num(v[9]), ends = num(v[10]),
+    channels = num(v[11]),
   }
 end

@@ -14,7 +14,7 @@
 local function read_sku_with_policy(key)
   local v = redis.call('HMGET', key, 'on_hand', 'safety_stock', 'held', 'sold', 'mode',
     'hold_ttl_seconds', 'per_user_limit', 'max_per_order', 'min_account_age_days', 'min_orders',
-    'min_member_days', 'cooldown_after_lapses', 'backordered', 'presale_cap', 'presale_ends_at')
+    'min_member_days', 'cooldown_after_lapses', 'backordered', 'presale_cap', 'presale_ends_at', 'channels')
   if not v[1] then
     return nil
   end
@@ -22,7 +22,7 @@ local function read_sku_with_policy(key)
     on_hand = num(v[1]), safety = num(v[2]), held = num(v[3]), sold = num(v[4]),
     mode = v[5], ttl = num(v[6]), limit = num(v[7]), max_order = num(v[8]),
     min_age = num(v[9]), min_orders = num(v[10]), min_member = num(v[11]), cooldown = num(v[12]),
-    bo = num(v[13]), cap = num(v[14]), ends = num(v[15]),
+    bo = num(v[13]), cap = num(v[14]), ends = num(v[15]), channels = num(v[16]),
   }
 end
 

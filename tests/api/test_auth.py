@@ -106,6 +106,10 @@ async def adjust(w: World, owner: str, headers: dict[str, str]) -> httpx.Respons
     return await w.client.post(f"/v1/skus/{SKU[owner]}/adjustments", json=body, headers=headers)
 
 
+async def put_channel(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    return await w.client.put(f"/v1/skus/{SKU[owner]}/channels/web", json={"quota": 1}, headers=headers)
+
+
 async def receive(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
     return await w.client.post(f"/v1/skus/{SKU[owner]}/receipts", json={"quantity": 2}, headers=headers)
 
@@ -174,6 +178,7 @@ ENDPOINTS = {
     "PUT /v1/skus/{sku}": Endpoint(put_sku, frozenset({Scope.ADMIN}), 200, None, sku_created_as_own),
     "POST /v1/skus/{sku}/adjustments": Endpoint(adjust, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
     "POST /v1/skus/{sku}/receipts": Endpoint(receive, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
+    "PUT /v1/skus/{sku}/channels/{channel}": Endpoint(put_channel, frozenset({Scope.ADMIN}), 201, "sku_not_found"),
     "GET /v1/skus/{sku}": Endpoint(get_sku, READ_SCOPES, 200, "sku_not_found"),
     "PUT /v1/listings/{listing}": Endpoint(put_listing, frozenset({Scope.ADMIN}), 200, None, listing_created_as_own),
     "GET /v1/listings/{listing}": Endpoint(get_listing, READ_SCOPES, 200, "listing_not_found"),
@@ -321,8 +326,8 @@ async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_rout
         "description": doc["components"]["securitySchemes"]["ApiKey"]["description"],
     }
     v1 = [(path, op) for path, ops in doc["paths"].items() if path.startswith("/v1/") for op in ops.values()]
-    # skus: put, adjust, receive, get; listings: put, get; reservations: 4; webhooks: 6, alerts: 2
-    assert len(v1) == 10 + 8
+    # skus: put, adjust, receive, put channel, get; listings: put, get; reservations: 4; webhooks: 6, alerts: 2
+    assert len(v1) == 11 + 8
     for path, op in v1:
         assert op.get("security") == [{"ApiKey": []}], path
         assert {"401", "403"} <= op["responses"].keys(), path

@@ -115,6 +115,7 @@ def _part_layout(keys: KeySpace, rid: str, skus: Sequence[str], *, hoarding: boo
     if hoarding:
         layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
     layout += [keys.backorder_queue(shard, TENANT, sku) for sku in skus]
+    layout += [keys.channels(shard, TENANT, sku) for sku in skus]
     return [*layout, keys.ready(shard)]
 
 
@@ -129,13 +130,14 @@ async def reserve(
     deadline: str | int = "",
     doc: str = "",
     buyer: Sequence[int | str] = ("", "", ""),
+    channel: str = "",
 ) -> Any:
-    """`buyer`: account_age_days, orders_count, member_days ('' = not sent)."""
+    """`buyer`: account_age_days, orders_count, member_days ('' = not sent); `channel`: '' for none."""
     layout = _part_layout(keys, rid, [sku for sku, _ in lines], hoarding=True)
     args: list[Any] = [rid, TENANT, user, now, deadline, doc, len(lines)]
     for sku, qty in lines:
         args += [sku, qty]
-    return await scripts.call("reserve", layout, [*args, *buyer])
+    return await scripts.call("reserve", layout, [*args, *buyer, channel])
 
 
 async def confirm(scripts: Scripts, keys: KeySpace, rid: str, skus: Sequence[str], *, now: int = NOW) -> Any:
@@ -167,6 +169,7 @@ async def expire_holds(
             layout += [keys.sku(shard, TENANT, sku), keys.user_counts(shard, TENANT, sku)]
         layout += [keys.lapses(shard, TENANT, sku) for sku in skus]
         layout += [keys.backorder_queue(shard, TENANT, sku) for sku in skus]
+        layout += [keys.channels(shard, TENANT, sku) for sku in skus]
         args += [rid, len(skus), *skus]
     return await scripts.call("expire_holds", [*layout, keys.ready(shard)], args)
 
@@ -188,6 +191,29 @@ async def receive(
     layout += [idem_key(keys, sku), *(keys.reservation(shard, rid) for rid in queued), keys.ready(shard)]
     args = [TENANT, sku, qty, now, reason, fingerprint, IDEM_TTL, len(queued), *queued]
     return await scripts.call("receive_stock", layout, args)
+
+
+async def set_channel(
+    scripts: Scripts,
+    keys: KeySpace,
+    sku: str,
+    channel: str,
+    quota: int,
+    *,
+    priority: int = 0,
+    borrow: bool = True,
+    now: int = NOW,
+    max_channels: int = 20,
+) -> Any:
+    shard = keys.shard_of(TENANT, sku)
+    layout = [keys.sku(shard, TENANT, sku), keys.channels(shard, TENANT, sku), keys.events(shard)]
+    layout += [idem_key(keys, sku), keys.ready(shard)]
+    args = [TENANT, sku, channel, quota, priority, 1 if borrow else 0, now, "", IDEM_TTL, max_channels]
+    return await scripts.call("set_channel", layout, args)
+
+
+async def channel_used(redis: Redis, keys: KeySpace, sku: str, channel: str) -> int:
+    return int(await redis.hget(keys.channels(keys.shard_of(TENANT, sku), TENANT, sku), f"u:{channel}") or 0)
 
 
 async def backorder_queue(redis: Redis, keys: KeySpace, sku: str) -> list[str]:

@@ -69,6 +69,7 @@ async def test_held_part_moves_held_units_to_sold(redis: Redis, scripts: Scripts
         "av": "7",
         "at": str(NOW + 10),
         "lbo": "0",
+        "lq": "0",  # units from a channel's quota: the reservation named none
         "st": "confirmed",  # the part's status after, for the ledger's projections
         "pst": "held",
         "cf": "h",
@@ -270,7 +271,7 @@ async def test_insufficient_stock_lists_every_short_direct_line(redis: Redis, sc
     reply = await confirm(scripts, keys, late, [a, b, c])
 
     # then
-    assert reply == [-2, 1, 1, 2, 1]
+    assert reply == [-2, 1, 1, 1, 2, 1, 1]  # (line, available to it, available to anyone)
     assert await snapshot(redis) == before
 
 
@@ -285,7 +286,7 @@ async def test_insufficient_stock_after_expiry_when_the_units_were_taken(
     await reserve(scripts, keys, new_id(keys, "seat"), "oli", [("seat", 1)], now=FAR_FUTURE)
     before = await snapshot(redis)
 
-    assert await confirm(scripts, keys, rid, ["seat"], now=FAR_FUTURE) == [-2, 1, 0]
+    assert await confirm(scripts, keys, rid, ["seat"], now=FAR_FUTURE) == [-2, 1, 0, 0]
 
     assert await snapshot(redis) == before
     assert (await part(redis, keys, rid, "seat"))["st"] == "expired"
@@ -303,7 +304,7 @@ async def test_many_payers_for_few_units_sell_exactly_the_stock(redis: Redis, sc
 
     # then
     assert Counter(r[0] for r in replies) == {0: 25, -2: 175}
-    assert all(r == [-2, 1, 0] for r in replies if r[0] != 0)
+    assert all(r == [-2, 1, 0, 0] for r in replies if r[0] != 0)
     state = await counters(redis, keys, "drop")
     assert (state.held, state.sold) == (0, 25)
     state.check_invariant()

@@ -80,7 +80,7 @@ async def test_past_the_cap_is_insufficient_stock_and_changes_nothing(
     reply = await reserve(scripts, keys, new_id(keys, "vine"), "bob", [("vine", 2)])
 
     # then 1 is available (on backorder), and nothing changed
-    assert reply == [-2, 1, 1]
+    assert reply == [-2, 1, 1, 1]
     assert await snapshot(redis) == before
 
 
@@ -95,7 +95,7 @@ async def test_the_cap_is_reached_exactly_under_contention(redis: Redis, scripts
     # then exactly 15 win: 5 from stock on hand, then 10 on backorder, queued in the order they won
     winners = [rid for rid, r in zip(ids, replies, strict=True) if r[0] == 0]
     assert len(winners) == 15
-    assert all(r == [-2, 1, 0] for r in replies if r[0] != 0)
+    assert all(r == [-2, 1, 0, 0] for r in replies if r[0] != 0)
     on_backorder = [rid for rid, r in zip(ids, replies, strict=True) if r[0] == 0 and r[3] == 1]
     assert len(on_backorder) == 10
     state = await counters(redis, keys, "drop")
@@ -115,7 +115,7 @@ async def test_after_ends_at_no_new_backorder_is_granted(redis: Redis, scripts: 
     after = await reserve(scripts, keys, new_id(keys, "late"), "cat", [("late", 1)], now=NOW + 5_000)
 
     # then nothing is available (on hand is gone, the presale ended); the backorder granted before stays
-    assert at_end == [-2, 1, 0] and after == [-2, 1, 0]
+    assert at_end == [-2, 1, 0, 0] and after == [-2, 1, 0, 0]
     assert (await counters(redis, keys, "late")).backordered == 1
 
 

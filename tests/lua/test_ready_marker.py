@@ -32,6 +32,7 @@ from tests.lua.support import (
     release,
     reserve,
     revert_confirm,
+    set_channel,
     set_sku,
     skus_on_one_shard,
 )
@@ -87,6 +88,10 @@ CALLS: dict[str, tuple[Call, list[Any]]] = {
     "receive_stock": (
         lambda s, k, shop: receive(s, k, shop.timed, 3, [], fingerprint="fp-receipt"),
         [0, 13, 0, 2, 1, "pre_reserve", 900, 5],  # on_hand 10 + 3, nothing backordered to fill
+    ),
+    "set_channel": (
+        lambda s, k, shop: set_channel(s, k, shop.timed, "web", 3),
+        [1, 3, 0, 0, 1],  # created: quota 3, used 0, priority 0, may borrow
     ),
     "expire_holds": (
         lambda s, k, shop: expire_holds(s, k, shop.shard, [(shop.held_rid, [shop.timed, shop.paid])], now=FAR_FUTURE),

@@ -72,6 +72,7 @@ async def test_pre_reserve_line_is_held_until_now_plus_ttl(redis: Redis, scripts
         "av": "7",
         "at": str(NOW),
         "lbo": "0",
+        "lq": "0",
         "exp": str(deadline),
         "st": "held",
         "doc": '{"user_id":"ann"}',  # the home part's first line carries the document
@@ -304,7 +305,7 @@ async def test_insufficient_stock_lists_every_short_line_and_changes_nothing(
     reply = await reserve(scripts, keys, new_id(keys, a), "ned", [(a, 8), (b, 10), (c, 2), (d, 3)])
 
     # then
-    assert reply == [-2, 1, 7, 3, 1, 4, 2]
+    assert reply == [-2, 1, 7, 7, 3, 1, 1, 4, 2, 2]  # (line, available to it, available to anyone)
     assert await snapshot(redis) == before
 
 
@@ -314,7 +315,7 @@ async def test_available_is_zero_not_negative_when_safety_is_eaten_by_a_shrink(
     # on_hand 5, safety 5: nothing to sell
     await set_sku(scripts, keys, "floor", 5, safety=5)
 
-    assert await reserve(scripts, keys, new_id(keys, "floor"), "ola", [("floor", 1)]) == [-2, 1, 0]
+    assert await reserve(scripts, keys, new_id(keys, "floor"), "ola", [("floor", 1)]) == [-2, 1, 0, 0]
 
 
 async def test_2000_concurrent_single_units_hold_exactly_the_sellable_stock(
@@ -330,7 +331,7 @@ async def test_2000_concurrent_single_units_hold_exactly_the_sellable_stock(
 
     # then
     assert Counter(r[0] for r in replies) == {0: 50, -2: 1950}
-    assert all(r == [-2, 1, 0] for r in replies if r[0] == -2)
+    assert all(r == [-2, 1, 0, 0] for r in replies if r[0] == -2)
     state = await counters(redis, keys, "drop")
     assert (state.held, state.sold, state.available) == (50, 0, 0)
     state.check_invariant()
@@ -398,7 +399,7 @@ async def test_concurrent_multi_line_reserves_are_all_or_nothing(
 
     # then no reservation got one line without the other
     assert Counter(r[0] for r in replies) == {0: 7, -2: 193}
-    assert all(r == [-2, 2, 0] for r in replies if r[0] == -2)
+    assert all(r == [-2, 2, 0, 0] for r in replies if r[0] == -2)
     assert (await counters(redis, keys, plenty)).held == 14
     assert (await counters(redis, keys, scarce)).held == 7
     for sku in (plenty, scarce):

@@ -261,7 +261,7 @@ async def test_reverts_racing_confirms_keep_exact_totals(redis: Redis, scripts: 
     # then sold = 20 - 15 + the payments that found a freed unit, never more than the stock
     assert reverted == [[0, "pending"]] * 15
     late = sum(1 for r in payments if r[0] == 0)
-    assert all(r[0] == 0 or r == [-2, 1, 0] for r in payments)
+    assert all(r[0] == 0 or r == [-2, 1, 0, 0] for r in payments)
     state = await counters(redis, keys, "pay")
     assert (state.held, state.sold) == (0, 5 + late)
     assert late <= 15

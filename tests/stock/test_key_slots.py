@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from app.stock.channels import ChannelSettings
 from app.stock.errors import InsufficientStock
 from app.stock.idempotency import IdempotencyRequest, IdempotencyStore
 from app.stock.keys import KeySpace
@@ -44,8 +45,9 @@ async def test_every_script_call_stays_in_one_slot(
 
     monkeypatch.setattr(Scripts, "call", recording_call)
 
-    def req(user: str, *items: tuple[str, int]) -> ReservationRequest:
-        return ReservationRequest(user_id=user, items=[ReservationItem(sku=s, quantity=q) for s, q in items])
+    def req(user: str, *items: tuple[str, int], channel: str | None = None) -> ReservationRequest:
+        lines = [ReservationItem(sku=s, quantity=q) for s, q in items]
+        return ReservationRequest(user_id=user, items=lines, channel=channel)
 
     a, b, c = skus_on_distinct_shards(keys, 3)
     idem = IdempotencyRequest(key="k1", scope="PUT /v1/skus/x", fingerprint="f")
@@ -69,13 +71,15 @@ async def test_every_script_call_stays_in_one_slot(
     await service.put_sku(TENANT, c, SkuSettings(on_hand=1, presale=presale))
     await service.reserve(TENANT, req("u6", (c, 3)))  # 2 on backorder
     await service.receive(TENANT, c, Receipt(quantity=1))
+    await service.put_channel(TENANT, a, "web", ChannelSettings(quota=2))
+    await service.release(TENANT, (await service.reserve(TENANT, req("u7", (a, 1), channel="web"))).id)
     await idempotency.claim(TENANT, IdempotencyRequest(key="k2", scope="POST /v1/reservations", fingerprint="f"), "r")
     limiter = RateLimiter(service.scripts, keys, per_user=Bucket(1, 1), per_ip=Bucket(1, 1))
     await limiter.check_user(TENANT, "u1")
     await limiter.check_ip("192.0.2.1")
 
     expected = {"set_sku", "adjust_stock", "reserve", "confirm", "revert_confirm", "release", "expire_holds"}
-    expected |= {"receive_stock"}
+    expected |= {"receive_stock", "set_channel"}
     assert expected | {"claim_idempotency", "take_token"} == set(calls) == set(service.scripts.sources)
     for name, key_lists in calls.items():
         for key_list in key_lists:

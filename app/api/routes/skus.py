@@ -1,24 +1,30 @@
-"""Catalogue routes: create/update a SKU, adjust its stock and book receipts (admin scope), read its state
-(any scope)."""
+"""Catalogue routes: create/update a SKU, adjust its stock, book receipts and set its sales channels (admin
+scope), read its state (any scope)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from app.api.deps import CatalogueTenant, IdempotencyKeyHeader, ReaderTenant, ServiceDep
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
+from app.stock.channels import CHANNEL_PATTERN, ChannelSettings
 from app.stock.idempotency import IdempotencyRequest, fingerprint
 from app.stock.schemas import SKU_PATTERN, Adjustment, Receipt, ReceiptState, SkuSettings, SkuState
 
 router = APIRouter(prefix="/v1/skus", tags=["catalogue"], responses=AUTH_RESPONSES)
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="SKU id: 1-64 of A-Z a-z 0-9 . _ -")]
+ChannelPath = Annotated[str, Path(pattern=CHANNEL_PATTERN, description="channel id: 1-64 of A-Z a-z 0-9 . _ -")]
+ChannelQuery = Annotated[
+    str | None,
+    Query(pattern=CHANNEL_PATTERN, description="answer `available` for a reservation naming this channel"),
+]
 
 
 def _idempotency(
-    key: str | None, request: Request, body: SkuSettings | Adjustment | Receipt
+    key: str | None, request: Request, body: SkuSettings | Adjustment | Receipt | ChannelSettings
 ) -> IdempotencyRequest | None:
     if key is None:
         return None
@@ -93,11 +99,36 @@ async def receive_stock(
     return json_response(state)
 
 
+@router.put(
+    "/{sku}/channels/{channel}",
+    response_model=SkuState,
+    summary="Create or update a sales channel of a SKU: ring-fenced quota, priority, borrowing",
+    responses={
+        201: {"model": SkuState, "description": "Created"},
+        404: problem_schema("sku_not_found"),
+        409: problem_schema("stock_conflict: quota below what the channel already took / too_many_channels"),
+        422: problem_schema("validation_error / idempotency_conflict"),
+    },
+)
+async def put_channel(
+    sku: SkuPath,
+    channel: ChannelPath,
+    body: ChannelSettings,
+    request: Request,
+    service: ServiceDep,
+    tenant: CatalogueTenant,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Response:
+    idem = _idempotency(idempotency_key, request, body)
+    state, created = await service.put_channel(tenant, sku, channel, body, idem)
+    return json_response(state, 201 if created else 200)
+
+
 @router.get(
     "/{sku}",
     response_model=SkuState,
-    summary="Read a SKU's stock",
+    summary="Read a SKU's stock (for one channel with ?channel=)",
     responses={404: problem_schema("sku_not_found")},
 )
-async def get_sku(sku: SkuPath, service: ServiceDep, tenant: ReaderTenant) -> Response:
-    return json_response(await service.get_sku(tenant, sku))
+async def get_sku(sku: SkuPath, service: ServiceDep, tenant: ReaderTenant, channel: ChannelQuery = None) -> Response:
+    return json_response(await service.get_sku(tenant, sku, channel))
