@@ -33,7 +33,15 @@ from tests.helpers import mark_ready
 
 TENANT = "default"
 SHARDS = 16
-STATE_TABLES = ("stock_movement", "sku", "reservation", "reservation_line", "worker_progress", "listing")
+STATE_TABLES = (
+    "stock_movement",
+    "sku",
+    "reservation",
+    "reservation_line",
+    "worker_progress",
+    "listing",
+    "sku_channel",
+)
 
 
 @dataclass(frozen=True)

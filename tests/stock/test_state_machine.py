@@ -48,7 +48,7 @@ from hypothesis.stateful import (
 from redis.asyncio import Redis
 
 from app.config import Settings
-from app.recovery.image import PartImage, load_images
+from app.recovery.image import PartImage, ShardImage, load_images
 from app.recovery.rebuild import _part_fields
 from app.stock.clock import now_ms
 from app.stock.errors import SkuNotFound, StockConflict, StockError
@@ -285,10 +285,10 @@ async def undrained(redis: Redis, keys: KeySpace) -> dict[int, tuple[str, str, i
     return behind
 
 
-def part_fields(part: PartImage) -> dict[str, Any]:
+def part_fields(part: PartImage, image: ShardImage) -> dict[str, Any]:
     """The fields a rebuild writes for a reservation part (app/recovery/rebuild.py), as Redis returns them;
     the document parsed, since PostgreSQL keeps it as jsonb and may spell it differently."""
-    fields = {k: str(v) for k, v in _part_fields(part).items()}
+    fields = {k: str(v) for k, v in _part_fields(part, image).items()}
     if "doc" in fields:
         fields["doc"] = orjson.loads(fields["doc"])
     return fields
@@ -465,7 +465,7 @@ class StockMachine(RuleBasedStateMachine):
             image_users = {sku: users for (_, sku), users in image.users.items()}
             assert image_users == state.users, f"shard {shard}: image per-user units vs Redis"
             assert image.expiry() == state.expiry, f"shard {shard}: image expiry index vs Redis"
-            image_parts = {p.reservation_id: part_fields(p) for p in image.parts}
+            image_parts = {p.reservation_id: part_fields(p, image) for p in image.parts}
             real_parts = {rid: redis_part_fields(h) for rid, h in state.parts.items()}
             statuses = {rid: f["st"] for rid, f in image_parts.items()}
             assert statuses == {rid: f["st"] for rid, f in real_parts.items()}, f"shard {shard}: part statuses"
