@@ -148,13 +148,6 @@ class WebhookSender:
             for r in rows
         ]
 
-    async def step(self, http: httpx.AsyncClient) -> int:
-        """Claims up to `concurrency` due deliveries, sends them at once, records each outcome.
-        Returns how many were claimed. (run() keeps deliveries flowing instead of going step by step.)"""
-        due = await self.claim(self.concurrency)
-        await asyncio.gather(*(self._deliver_logged(http, d) for d in due))
-        return len(due)
-
     async def _deliver_logged(self, http: httpx.AsyncClient, d: DueDelivery) -> None:
         try:
             await self._deliver(http, d)
