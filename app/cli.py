@@ -1,4 +1,4 @@
-"""The `stockhold` command (typer): serve, migrate, worker, rebuild, reconcile, status, keys."""
+"""The `stockhold` command (typer): serve, migrate, worker, rebuild, reconcile, status, keys, webhooks-detach."""
 
 from __future__ import annotations
 
@@ -283,6 +283,19 @@ def status() -> None:
         f"total: {waiting} events not yet in PostgreSQL, oldest {oldest:.3f}s; shards not ready: "
         f"{[r.shard for r in rows if not r.ready] or 'none'}"
     )
+
+
+@app.command("webhooks-detach")
+def webhooks_detach() -> None:
+    """Destroy the webhook dispatcher's consumer group on every shard stream, after turning webhooks off
+    everywhere (STOCKHOLD_WEBHOOKS=false): streams are trimmed only below what every group acknowledged,
+    so a group nobody reads keeps every event. A process started with webhooks on creates it again."""
+    from app.webhooks.dispatcher import drop_groups
+
+    async def body(s: _Stores) -> int:
+        return await drop_groups(s.redis, s.keys)
+
+    typer.echo(f"webhook consumer group destroyed on {_run(body)} shard stream(s)")
 
 
 # Exit code of `keys revoke` when the key is revoked in PostgreSQL but not every API process confirmed it

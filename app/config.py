@@ -101,6 +101,31 @@ class Settings(BaseSettings):
     # has not been read for 1 s, so the period must leave room for a slow reply or two.
     auth_refresh_ms: int = Field(default=50, ge=5, le=500, validation_alias="STOCKHOLD_AUTH_REFRESH_MS")
 
+    # Stock events as signed webhooks (app/webhooks/): each API process runs a dispatcher (shard streams ->
+    # PostgreSQL outbox, its own consumer group) and a sender. False: neither runs here (see the README on
+    # the consumer group left behind).
+    webhooks: bool = Field(default=True, validation_alias="STOCKHOLD_WEBHOOKS")
+    # One attempt's timeout: a receiver should answer 2xx at once and do its work after; 5 s is generous
+    # for that and bounds what a hung receiver costs.
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60, validation_alias="STOCKHOLD_WEBHOOK_TIMEOUT_S")
+    # Attempts before a delivery is `failed`. With the backoff below, 8 attempts span about an hour
+    # (30 s, 1, 2, 4, 8, 16, 32 min, each halved at random by the jitter): a receiver's deploy or a
+    # short outage is ridden out; a day-long one is not, its deliveries stay in the log as failed.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50, validation_alias="STOCKHOLD_WEBHOOK_MAX_ATTEMPTS")
+    webhook_retry_base_s: float = Field(default=30.0, gt=0, le=3600, validation_alias="STOCKHOLD_WEBHOOK_RETRY_BASE_S")
+    webhook_retry_cap_s: float = Field(
+        default=3600.0, gt=0, le=86_400, validation_alias="STOCKHOLD_WEBHOOK_RETRY_CAP_S"
+    )
+    # Deliveries one process has in flight at once (and claims per step).
+    webhook_concurrency: int = Field(default=16, ge=1, le=256, validation_alias="STOCKHOLD_WEBHOOK_CONCURRENCY")
+    # How often a sender looks for due deliveries besides being woken by its own dispatcher: bounds the
+    # delay of retries and of deliveries another process recorded. 500 ms is one indexed query per tick.
+    webhook_poll_ms: int = Field(default=500, ge=10, le=60_000, validation_alias="STOCKHOLD_WEBHOOK_POLL_MS")
+    # A dead dispatcher's unacknowledged entries are taken over after this long (the worker's 30 s too).
+    webhook_claim_idle_ms: int = Field(
+        default=30_000, ge=100, le=3_600_000, validation_alias="STOCKHOLD_WEBHOOK_CLAIM_IDLE_MS"
+    )
+
     @property
     def auth_required(self) -> bool:
         return self.require_auth if self.require_auth is not None else not self.embedded

@@ -1,7 +1,8 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
 scripts, rebuilds any shard that lost its data (recovery before serving), and starts the expiry sweeper,
 the readiness watch, the API key epoch refresh, the sold-out fast path's refresh (and, unless
-STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker); routes stay thin and translate domain errors to
+STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker; unless STOCKHOLD_WEBHOOKS=false, the webhook
+dispatcher and sender); routes stay thin and translate domain errors to
 problem+json. The per-IP rate limit stands in front of everything under /v1 (app/api/client_limits.py), the
 reserve hot path included."""
 
@@ -22,7 +23,7 @@ from app.api.body_guard import BodyGuard
 from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
 from app.api.problems import install_problem_handlers
-from app.api.routes import listings, metrics, ops, reservations, skus
+from app.api.routes import listings, metrics, ops, reservations, skus, webhooks
 from app.auth.authenticator import Authenticator
 from app.auth.store import KeyStore
 from app.config import Settings, get_settings
@@ -39,6 +40,7 @@ from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.webhooks.process import start_webhooks
 from app.worker.consumer import WriteBehindWorker
 from app.worker.ledger import PostgresLedger
 
@@ -110,6 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await worker.ensure_groups()  # before serving, so the streams and groups exist from the start
             app.state.worker = worker
             tasks.append(asyncio.create_task(worker.run(stop), name="write-behind"))
+        tasks += await start_webhooks(app.state, settings, stop)  # the stores and routes; the tasks when on
         try:
             yield
         finally:
@@ -147,6 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(skus.router)
     app.include_router(listings.router)
+    app.include_router(webhooks.router)
+    app.include_router(webhooks.alerts_router)
     app.include_router(reservations.router)
     app.include_router(ops.router)
     app.include_router(metrics.router)

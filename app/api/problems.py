@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.errors import AuthError, Forbidden, Unauthenticated
 from app.stock import errors
+from app.webhooks.errors import WebhookNotFound
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.ReservationBusy: 409,
     errors.NotReady: 503,
     errors.LedgerUnavailable: 503,
+    WebhookNotFound: 404,
 }
 
 _HTTP_CODES = {

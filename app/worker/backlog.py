@@ -17,6 +17,9 @@ from redis.exceptions import ResponseError
 
 from app.stock.keys import KeySpace
 
+# The write-behind worker's consumer group (app/worker/consumer.py): what it acknowledged is in PostgreSQL.
+PERSISTING_GROUP = "stockhold-writer"
+
 
 def _position(entry_id: str) -> tuple[int, int]:
     ms, seq = entry_id.split("-")
@@ -32,8 +35,8 @@ def _after(entry_id: str) -> str:
 class ShardBacklog:
     shard: int
     length: int  # entries in the stream (persisted ones are trimmed away soon after)
-    pending: int  # delivered to a worker, not yet acknowledged (summed over groups)
-    undelivered: int  # not yet read by the slowest group
+    pending: int  # delivered to a worker, not yet acknowledged
+    undelivered: int  # not yet read by the write-behind group
     oldest_unpersisted_ms: int | None  # stream id time of the oldest entry some group still needs
     floor: str | None  # the oldest id some group still needs: entries below it may be trimmed
 
@@ -48,7 +51,11 @@ class ShardBacklog:
 
 
 async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
-    """One snapshot of every shard stream (three pipelined rounds, whatever the shard count)."""
+    """One snapshot of every shard stream (three pipelined rounds, whatever the shard count).
+
+    What waits for PostgreSQL (pending, undelivered, the oldest's age) is the write-behind group's alone:
+    other groups (the webhook dispatcher's) say nothing of what is persisted. The trim floor is below
+    what every group still needs, and nothing is trimmed while the write-behind group does not exist."""
     shards = list(keys.all_shards())
     async with redis.pipeline(transaction=False) as pipe:
         for shard in shards:
@@ -62,48 +69,60 @@ async def read_backlog(redis: Redis, keys: KeySpace) -> list[ShardBacklog]:
 
     # Per group still needing entries: the oldest pending id (XPENDING) or the first undelivered one.
     async with redis.pipeline(transaction=False) as pipe:
-        asked: list[tuple[int, str]] = []
+        asked: list[tuple[int, str, str]] = []  # (shard, group, what)
         for shard, groups in zip(shards, groups_per_shard, strict=True):
             for group in groups:
                 # both, always: by the time XPENDING runs its entries may all be acknowledged (min nil),
                 # and the first undelivered entry is then the oldest this group needs
                 if int(group["pending"]) > 0:
                     pipe.xpending(keys.events(shard), group["name"])
-                    asked.append((shard, "pending"))
+                    asked.append((shard, str(group["name"]), "pending"))
                 start = "(" + str(group["last-delivered-id"])
                 pipe.xrange(keys.events(shard), min=start, max="+", count=1)
-                asked.append((shard, "next"))
+                asked.append((shard, str(group["name"]), "next"))
         for shard, groups in zip(shards, groups_per_shard, strict=True):
-            if not groups:  # no worker ever read it (none started yet, or Redis lost its groups)
+            if not _writers(groups):  # no worker ever read it (none started yet, or Redis lost its groups)
                 pipe.xrange(keys.events(shard), min="-", max="+", count=1)
-                asked.append((shard, "next"))
+                asked.append((shard, PERSISTING_GROUP, "next"))
         answers = await pipe.execute() if asked else []
-    needed: dict[int, list[str]] = {}
-    for (shard, kind), answer in zip(asked, answers, strict=True):
+    needed: dict[int, list[str]] = {}  # by any group
+    unpersisted: dict[int, list[str]] = {}  # by the write-behind group
+    for (shard, group_name, kind), answer in zip(asked, answers, strict=True):
+        found = None
         if kind == "pending":
-            if answer["min"] is not None:
-                needed.setdefault(shard, []).append(str(answer["min"]))
+            found = str(answer["min"]) if answer["min"] is not None else None
         elif answer:
-            needed.setdefault(shard, []).append(str(answer[0][0]))
+            found = str(answer[0][0])
+        if found is not None:
+            needed.setdefault(shard, []).append(found)
+            if group_name == PERSISTING_GROUP:
+                unpersisted.setdefault(shard, []).append(found)
 
     result = []
     for shard, length, groups in zip(shards, lengths, groups_per_shard, strict=True):
-        oldest = min(needed.get(shard, []), key=_position, default=None)
-        floor: str | None = oldest if groups else None  # no group: nothing was persisted, trim nothing
-        if floor is None and groups:
-            # every group is caught up: everything up to the slowest group's last delivered id can go
-            floor = _after(min((str(g["last-delivered-id"]) for g in groups), key=_position))
+        writers = _writers(groups)
+        oldest = min(unpersisted.get(shard, []), key=_position, default=None)
+        floor: str | None = None  # no write-behind group: nothing was persisted, trim nothing
+        if writers:
+            floor = min(needed.get(shard, []), key=_position, default=None)
+            if floor is None:
+                # every group is caught up: everything up to the slowest group's last delivered id can go
+                floor = _after(min((str(g["last-delivered-id"]) for g in groups), key=_position))
         result.append(
             ShardBacklog(
                 shard=shard,
                 length=int(length) if not isinstance(length, ResponseError) else 0,
-                pending=sum(int(g["pending"]) for g in groups),
-                undelivered=_undelivered(groups, length),
+                pending=sum(int(g["pending"]) for g in writers),
+                undelivered=_undelivered(writers, length),
                 oldest_unpersisted_ms=_position(oldest)[0] if oldest else None,
                 floor=floor,
             )
         )
     return result
+
+
+def _writers(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [g for g in groups if str(g["name"]) == PERSISTING_GROUP]
 
 
 def _undelivered(groups: list[dict[str, Any]], length: Any) -> int:

@@ -24,12 +24,12 @@ from redis.exceptions import ResponseError
 
 from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
-from app.worker.backlog import trim_persisted
+from app.worker.backlog import PERSISTING_GROUP, trim_persisted
 from app.worker.ledger import persist_events
 
 log = logging.getLogger(__name__)
 
-GROUP = "stockhold-writer"
+GROUP = PERSISTING_GROUP
 
 
 class WriteBehindWorker:

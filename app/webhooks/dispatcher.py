@@ -1,0 +1,205 @@
+"""Shard event streams -> webhook outbox: at least once, each webhook event recorded once.
+
+The dispatcher reads every shard stream through its own consumer group (``GROUP``), created at the
+stream's end the first time (``$``), so enabling webhooks does not replay a stream's history. For each
+batch it works out the webhook events (app/webhooks/rules.py), and writes them with one delivery row per
+subscribed, active endpoint of their tenant in one transaction; only then it XACKs. A crash before the
+XACK leaves the entries pending; XAUTOCLAIM hands them to a live dispatcher once idle for
+``claim_idle_ms``, and replaying them inserts nothing new: event ids come from the entries, and both
+tables have unique keys taken with ``ON CONFLICT DO NOTHING``.
+
+Entries that cause nothing (most of them, and all of them while a tenant has no endpoint) are
+acknowledged at once without touching PostgreSQL, so the group never holds back the stream trimming of
+app/worker/backlog.py, which keeps every entry some group still needs.
+
+A Redis that lost its data lost the groups too (NOGROUP): they are created again from the start of the
+new streams (``0``), whose entries all came after the loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from app.stock.events import StreamEvent, parse_entries
+from app.stock.keys import KeySpace
+from app.webhooks.rules import WebhookEvent, low_stock_candidate, webhook_events
+
+log = logging.getLogger(__name__)
+
+GROUP = "webhooks"
+
+THRESHOLDS = """
+SELECT a.tenant, a.sku, a.low_stock_threshold
+FROM sku_alert a JOIN unnest($1::text[], $2::text[]) AS x(tenant, sku) ON a.tenant = x.tenant AND a.sku = x.sku
+"""
+
+# One statement: the events some active endpoint of their tenant subscribes to, then one delivery per such
+# endpoint. An event already recorded (a replayed entry; a reservation's second expired line) inserts
+# nothing and so creates no delivery either.
+RECORD = """
+WITH incoming AS (
+    SELECT * FROM json_to_recordset($1::json)
+        AS x(id text, tenant text, type text, payload jsonb, shard integer, stream_id text)
+), subscribed AS (
+    SELECT i.* FROM incoming i
+    WHERE EXISTS (SELECT 1 FROM webhook_endpoint e WHERE e.tenant = i.tenant AND e.active AND i.type = ANY (e.events))
+), recorded AS (
+    INSERT INTO webhook_event (id, tenant, type, payload, shard, stream_id)
+    SELECT id, tenant, type, payload, shard, stream_id FROM subscribed
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, tenant, type
+)
+INSERT INTO webhook_delivery (endpoint_id, event_id)
+SELECT e.id, r.id FROM recorded r
+JOIN webhook_endpoint e ON e.tenant = r.tenant AND e.active AND r.type = ANY (e.events)
+ON CONFLICT (endpoint_id, event_id) DO NOTHING
+RETURNING id
+"""
+
+
+async def drop_groups(redis: Redis, keys: KeySpace) -> int:
+    """Destroys the webhook group on every shard stream (webhooks turned off for good): trimming stops
+    waiting for it. Entries it had not recorded are never turned into webhooks. Returns groups destroyed."""
+    dropped = 0
+    for shard in keys.all_shards():
+        with contextlib.suppress(ResponseError):  # no such stream
+            dropped += int(await redis.xgroup_destroy(keys.events(shard), GROUP))
+    return dropped
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        redis: Redis,
+        pg: asyncpg.Pool,
+        keys: KeySpace,
+        consumer: str,
+        batch: int = 200,
+        block_ms: int = 100,
+        claim_idle_ms: int = 30_000,
+        on_recorded: Callable[[], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.pg = pg
+        self.keys = keys
+        self.consumer = consumer
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.on_recorded = on_recorded  # wakes this process's sender when deliveries were recorded
+        self.deliveries_recorded = 0
+        self._stream_shard = {keys.events(s): s for s in keys.all_shards()}
+
+    async def ensure_groups(self, start: str = "$") -> None:
+        """Creates the group on every shard stream, at its current end unless told otherwise. Idempotent:
+        an existing group keeps its position."""
+        for stream in self._stream_shard:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(stream, GROUP, id=start, mkstream=True)
+
+    async def step(self, own_pending: bool = False) -> int:
+        """Reads up to `batch` entries per shard (new ones, or with `own_pending` those this consumer was
+        given and has not acknowledged), records what they cause, then XACKs. Returns entries handled."""
+        reply: Any = await self.redis.xreadgroup(
+            GROUP,
+            self.consumer,
+            dict.fromkeys(self._stream_shard, "0" if own_pending else ">"),
+            count=self.batch,
+            block=None if own_pending else self.block_ms,
+        )
+        events = [e for stream, entries in reply or [] for e in parse_entries(self._stream_shard[stream], entries)]
+        # a pending entry trimmed or deleted since it was delivered comes back without fields
+        gone = [(stream, str(entry)) for stream, entries in reply or [] for entry, fields in entries if not fields]
+        return await self._record_and_ack(events, gone)
+
+    async def reclaim(self) -> int:
+        """Takes over entries another dispatcher left pending for over `claim_idle_ms` (it died)."""
+        events: list[StreamEvent] = []
+        for stream, shard in self._stream_shard.items():
+            reply = await self.redis.xautoclaim(
+                stream, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
+            )
+            events += parse_entries(shard, reply[1])
+        return await self._record_and_ack(events, [])
+
+    async def _record_and_ack(self, events: list[StreamEvent], deleted: list[tuple[str, str]]) -> int:
+        caused = await self._webhook_events(events) if events else []
+        if caused:
+            rows = {
+                e.id: {
+                    "id": e.id,
+                    "tenant": e.tenant,
+                    "type": e.type.value,
+                    "payload": e.body(),
+                    "shard": shard,
+                    "stream_id": stream_id,
+                }
+                for e, shard, stream_id in caused
+            }
+            async with self.pg.acquire() as conn, conn.transaction():
+                recorded = await conn.fetch(RECORD, orjson.dumps(list(rows.values())).decode())
+            if recorded:
+                self.deliveries_recorded += len(recorded)
+                if self.on_recorded is not None:
+                    self.on_recorded()
+        # Only after the commit: a crash before this line leaves the entries pending, recorded once anyway.
+        by_stream: dict[str, list[str]] = {}
+        for event in events:
+            by_stream.setdefault(self.keys.events(event.shard), []).append(event.event_id)
+        for stream, entry_id in deleted:  # entries trimmed or deleted while pending: nothing to record
+            by_stream.setdefault(stream, []).append(entry_id)
+        if by_stream:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, GROUP, *ids)
+                await pipe.execute()
+        return len(events)
+
+    async def _webhook_events(self, events: list[StreamEvent]) -> list[tuple[WebhookEvent, int, str]]:
+        wanted = {(e.fields.get("tenant", ""), e.fields.get("sku", "")) for e in events if low_stock_candidate(e)}
+        thresholds: dict[tuple[str, str], int] = {}
+        if wanted:
+            tenants, skus = zip(*wanted, strict=True)
+            rows = await self.pg.fetch(THRESHOLDS, list(tenants), list(skus))
+            thresholds = {(r["tenant"], r["sku"]): r["low_stock_threshold"] for r in rows}
+        return [
+            (caused, e.shard, e.event_id)
+            for e in events
+            for caused in webhook_events(e, thresholds.get((e.fields.get("tenant", ""), e.fields.get("sku", ""))))
+        ]
+
+    async def run(self, stop: asyncio.Event, reclaim_every_s: float = 5.0) -> None:
+        """Dispatches until `stop` is set; a failing step (PostgreSQL or Redis away) is retried after a
+        pause, its entries staying pending on this consumer until a step succeeds."""
+        await self.ensure_groups()
+        loop = asyncio.get_running_loop()
+        next_reclaim = loop.time()
+        retry_own = True  # a consumer restarted under its old name starts with its own pending entries
+        while not stop.is_set():
+            try:
+                if loop.time() >= next_reclaim:
+                    await self.reclaim()
+                    next_reclaim = loop.time() + reclaim_every_s
+                if retry_own:
+                    retry_own = await self.step(own_pending=True) > 0
+                else:
+                    await self.step()
+            except Exception as exc:
+                if isinstance(exc, ResponseError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
+                    log.warning("webhook consumer group gone (Redis lost its data?); creating it again")
+                    with contextlib.suppress(Exception):
+                        await self.ensure_groups(start="0")
+                    continue
+                log.exception("webhook dispatch step failed; retrying")
+                retry_own = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
