@@ -39,10 +39,15 @@ ALL_SHARDS = {str(s) for s in range(SHARDS)}
 
 
 def parse(text: str) -> dict[str, dict[str, float]]:
-    """metric name -> shard label -> value; a sample named twice for one shard fails."""
+    """metric name -> shard label -> value for the per-shard series; a sample named twice for one shard fails.
+
+    Other series on the page (the webhook sender's counters, request metrics) carry no shard label.
+    """
     gauges: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if "shard" not in sample.labels:
+                continue
             per_shard = gauges.setdefault(sample.name, {})
             assert sample.labels["shard"] not in per_shard, f"{sample.name} twice for shard {sample.labels}"
             per_shard[sample.labels["shard"]] = sample.value
