@@ -179,7 +179,15 @@ def worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        worker = WriteBehindWorker(s.redis, s.pg, s.keys, consumer, batch=batch, claim_idle_ms=claim_idle_ms)
+        worker = WriteBehindWorker(
+            s.redis,
+            s.pg,
+            s.keys,
+            consumer,
+            batch=batch,
+            claim_idle_ms=claim_idle_ms,
+            wait_replicas=s.settings.redis_wait_replicas,
+        )
         watch = ReadinessWatch(Rebuilder(s.redis, s.pg, s.keys), auto_rebuild=s.settings.auto_rebuild)
         typer.echo(f"write-behind worker {consumer} running")
         await asyncio.gather(worker.run(stop), watch.run(stop))

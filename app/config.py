@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,17 @@ class Settings(BaseSettings):
 
     # Unset -> `stockhold serve` starts an embedded Redis-compatible server under DATA_DIR.
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    # A Redis Cluster's nodes, host:port[,host:port...] (any few of them: the client learns the rest). The same
+    # as REDIS_URL=redis+cluster://host:port,...; set one of the two.
+    redis_cluster_nodes: str | None = Field(default=None, validation_alias="REDIS_CLUSTER_NODES")
+    # On a cluster, a script's reply waits until this many replicas of its node have the change (WAIT), so a
+    # failover that promotes one loses nothing stockhold acknowledged. Capped at the node's replica count; 0
+    # answers as soon as the primary has it.
+    redis_wait_replicas: int = Field(default=1, ge=0, le=5, validation_alias="STOCKHOLD_REDIS_WAIT_REPLICAS")
+    # How long a reply waits for them. A replica on the same network acknowledges in well under a millisecond;
+    # past 100 ms it is lagging or gone, and the write is answered anyway (logged, counted) rather than
+    # turning a replica's trouble into an outage of sales.
+    redis_wait_timeout_ms: int = Field(default=100, ge=1, le=10_000, validation_alias="STOCKHOLD_REDIS_WAIT_TIMEOUT_MS")
     # Unset -> `stockhold serve` starts an embedded PostgreSQL under DATA_DIR.
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     data_dir: Path = Field(default=Path(".data"), validation_alias="STOCKHOLD_DATA_DIR")
@@ -125,6 +136,15 @@ class Settings(BaseSettings):
     webhook_claim_idle_ms: int = Field(
         default=30_000, ge=100, le=3_600_000, validation_alias="STOCKHOLD_WEBHOOK_CLAIM_IDLE_MS"
     )
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> Settings:
+        if self.redis_cluster_nodes:
+            url = "redis+cluster://" + ",".join(n.strip() for n in self.redis_cluster_nodes.split(",") if n.strip())
+            if self.redis_url and self.redis_url != url:
+                raise ValueError("set REDIS_URL or REDIS_CLUSTER_NODES, not both")
+            self.redis_url = url
+        return self
 
     @property
     def auth_required(self) -> bool:

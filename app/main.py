@@ -65,7 +65,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pg = await create_pool(settings.database_url)
     try:
         await apply_migrations(pg)
-        scripts = Scripts(redis)
+        scripts = Scripts(
+            redis, wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms
+        )
         await scripts.load()
         keys = KeySpace(settings.shard_count)
         sweeper = ExpirySweeper(redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch)
@@ -108,7 +110,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             tasks.append(asyncio.create_task(sold_out.run(stop), name="sold-out-refresh"))
         if settings.worker_in_process:
             consumer = f"api-{socket.gethostname()}-{os.getpid()}"
-            worker = WriteBehindWorker(redis, pg, keys, consumer=consumer, batch=IN_PROCESS_WORKER_BATCH)
+            worker = WriteBehindWorker(
+                redis,
+                pg,
+                keys,
+                consumer=consumer,
+                batch=IN_PROCESS_WORKER_BATCH,
+                wait_replicas=settings.redis_wait_replicas,
+            )
             await worker.ensure_groups()  # before serving, so the streams and groups exist from the start
             app.state.worker = worker
             tasks.append(asyncio.create_task(worker.run(stop), name="write-behind"))

@@ -29,6 +29,7 @@ from app.auth.store import KeyStore
 from app.auth.tokens import secret_matches, split_key
 from app.stock.errors import NotReady
 from app.stock.keys import KeySpace
+from app.store.cluster import with_server_time
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,7 @@ class Authenticator:
         """Reads the epoch; drops the cache when it changed (or after a failing spell, whatever may have
         changed meanwhile); acknowledges at once after a change, and every HEARTBEAT_MS otherwise."""
         started = time.monotonic()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.auth_epoch())
-            pipe.time()
-            epoch, now = await pipe.execute()
+        epoch, now = await with_server_time(self.redis, self.keys.auth_epoch(), ["GET", self.keys.auth_epoch()])
         untrusted = started - self._acked_since > _TRUST_S
         if epoch != self._epoch or untrusted:
             self.drop_cache()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from app.stock.keys import KeySpace
+from app.store.cluster import with_server_time
 
 # How long a process trusts its key cache after its last successful refresh. Short enough that a revoke
 # never waits long for a process that cannot hear it; long enough that one slow Redis reply (a few
@@ -88,10 +89,7 @@ def redis_ms(reply: tuple[int, int]) -> int:
 
 async def announce_change(redis: Redis, keys: KeySpace) -> Announcement:
     """Bumps the key epoch: call after committing a key change to PostgreSQL."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.incr(keys.auth_epoch())
-        pipe.time()
-        epoch, now = await pipe.execute()
+    epoch, now = await with_server_time(redis, keys.auth_epoch(), ["INCR", keys.auth_epoch()])
     return Announcement(int(epoch), redis_ms(now))
 
 
@@ -101,10 +99,9 @@ async def await_acknowledgements(
     """Waits until every API process has applied ``epoch`` or been silent for over TRUST_MS."""
     started = time.monotonic()
     while True:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.auth_acks())
-            pipe.time()
-            raw, now = await pipe.execute()
+        raw, now = await with_server_time(redis, keys.auth_acks(), ["HGETALL", keys.auth_acks()])
+        if isinstance(raw, list):  # RESP2's flat list of field, value
+            raw = dict(zip(raw[::2], raw[1::2], strict=True))
         now_ms = redis_ms(now)
         acks = parse_acks(raw)
         done = sorted(a.process for a in acks if a.epoch >= epoch)

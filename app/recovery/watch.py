@@ -19,6 +19,7 @@ import logging
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.recovery.rebuild import Rebuilder
+from app.store.cluster import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ class ReadinessWatch:
         return missing
 
     async def _drop_idle_connections(self) -> None:
-        await self.rebuilder.redis.connection_pool.disconnect(inuse_connections=False)
+        redis = self.rebuilder.redis
+        if is_cluster(redis):
+            # the cluster client drops a dead node's connections itself when it reloads the slot map
+            return
+        await redis.connection_pool.disconnect(inuse_connections=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

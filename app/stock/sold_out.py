@@ -27,6 +27,7 @@ from app.stock.clock import now_ms
 from app.stock.errors import InsufficientStock
 from app.stock.keys import KeySpace
 from app.stock.schemas import ReservationItem, available_units
+from app.store.cluster import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,10 @@ class SoldOutBook:
         # A busy shard's stream wakes us at once every time: refresh at most every MIN_GAP_S then. The gap
         # is kept before waiting, not after waking, so a change on a quiet stream is acted on at once.
         await asyncio.sleep(max(0.0, self._woke + MIN_GAP_S - time.monotonic()))
+        if is_cluster(self.redis):
+            # XREAD BLOCK takes one slot's streams at a time on a cluster: re-read every interval instead
+            await asyncio.sleep(self.interval)
+            return None
         shard_of = {self.keys.events(shard): shard for shard in self._tips}
         streams = {name: self._tips[shard] for name, shard in shard_of.items()}
         reply = await self.redis.xread(streams, count=1, block=max(1, round(self.interval * 1000)))  # type: ignore[arg-type]

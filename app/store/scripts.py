@@ -8,7 +8,8 @@ Python strings.
 Calls are EVALSHA, coalesced with the other calls of the same event-loop tick into one pipeline
 (app/store/batching.py); on NOSCRIPT (Redis restarted, flushed, or a new cluster primary) redis-py's
 ``AsyncScript`` does SCRIPT LOAD then EVALSHA again. A call given a ``client`` (a MULTI pipeline) goes
-through that client instead.
+through that client instead. On a Redis Cluster the calls go to each slot's primary, one pipeline per
+node ending in WAIT (app/store/cluster.py).
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from app.store.batching import ScriptBatcher
+from app.store.cluster import ClusterScriptBatcher, is_cluster
 
 LUA_DIR = Path(__file__).resolve().parents[2] / "lua"
 _INCLUDE = re.compile(r"^--@include\s+(\w+)\s*$", re.MULTILINE)
 _NAME = re.compile(r"^(?P<name>[a-z_]+)(?:-(?P<numkeys>\d+))?$")
 
 Arg = str | int | float | bytes
+# On a cluster, replies wait until this many replicas of the node have the change (at most the node's replica
+# count), or this long (app/store/cluster.py); Settings carries the deployment's values.
+DEFAULT_WAIT_REPLICAS = 1
+DEFAULT_WAIT_TIMEOUT_MS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +75,35 @@ def read_sources(lua_dir: Path = LUA_DIR) -> dict[str, LuaSource]:
 class Scripts:
     """The loaded scripts of one Redis connection, called by name."""
 
-    def __init__(self, redis: Redis, lua_dir: Path = LUA_DIR) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        lua_dir: Path = LUA_DIR,
+        *,
+        wait_replicas: int = DEFAULT_WAIT_REPLICAS,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+    ) -> None:
         self._redis = redis
         self.sources = read_sources(lua_dir)
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(src.body) for name, src in self.sources.items()
         }
-        self._batcher = ScriptBatcher(redis)
+        self._batcher: ScriptBatcher | ClusterScriptBatcher
+        if is_cluster(redis):
+            self._batcher = ClusterScriptBatcher(redis, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
+        else:
+            self._batcher = ScriptBatcher(redis)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script once at start, so the first requests do not pay for it."""
+        # On a cluster, every node, replicas included: a promoted replica then needs no NOSCRIPT round.
         for src in self.sources.values():
-            await self._redis.script_load(src.body)
+            if is_cluster(self._redis):
+                await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                    "SCRIPT LOAD", src.body, target_nodes=RedisCluster.ALL_NODES
+                )
+            else:
+                await self._redis.script_load(src.body)
 
     def sha(self, name: str) -> str:
         return str(self._scripts[name].sha)

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 import orjson
@@ -31,6 +30,7 @@ from redis.exceptions import ResponseError
 
 from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
+from app.store.cluster import read_group
 from app.webhooks.rules import WebhookEvent, low_stock_candidate, webhook_events
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,13 @@ class WebhookDispatcher:
     async def step(self, own_pending: bool = False) -> int:
         """Reads up to `batch` entries per shard (new ones, or with `own_pending` those this consumer was
         given and has not acknowledged), records what they cause, then XACKs. Returns entries handled."""
-        reply: Any = await self.redis.xreadgroup(
+        reply = await read_group(
+            self.redis,
             GROUP,
             self.consumer,
             dict.fromkeys(self._stream_shard, "0" if own_pending else ">"),
             count=self.batch,
-            block=None if own_pending else self.block_ms,
+            block_ms=None if own_pending else self.block_ms,
         )
         events = [e for stream, entries in reply or [] for e in parse_entries(self._stream_shard[stream], entries)]
         # a pending entry trimmed or deleted since it was delivered comes back without fields

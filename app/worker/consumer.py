@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -24,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
+from app.store.cluster import read_group
 from app.worker.backlog import PERSISTING_GROUP, trim_persisted
 from app.worker.ledger import persist_events
 
@@ -43,6 +43,7 @@ class WriteBehindWorker:
         block_ms: int = 100,
         claim_idle_ms: int = 30_000,
         max_batch: int | None = None,
+        wait_replicas: int = 1,
     ) -> None:
         self.redis = redis
         self.pg = pg
@@ -58,6 +59,8 @@ class WriteBehindWorker:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.persisted_total = 0
+        # On a cluster: entries are persisted only once the replica has them too (app/store/cluster.py)
+        self.wait_replicas = wait_replicas
         self._stream_shard = {keys.events(s): s for s in keys.all_shards()}
 
     async def ensure_groups(self) -> None:
@@ -73,12 +76,14 @@ class WriteBehindWorker:
         `own_pending`: re-read the entries this consumer was given and has not acknowledged (after a
         failed step) instead of new ones."""
         count = self.batch if own_pending else self.count
-        reply: Any = await self.redis.xreadgroup(  # RESP2: [[stream, [(id, fields), ...]], ...]
+        reply = await read_group(
+            self.redis,
             GROUP,
             self.consumer,
             dict.fromkeys(self._stream_shard, "0" if own_pending else ">"),
             count=count,
-            block=None if own_pending else self.block_ms,
+            block_ms=None if own_pending else self.block_ms,
+            wait_replicas=self.wait_replicas,
         )
         if not own_pending:
             behind = any(len(entries) >= count for _, entries in reply or [])

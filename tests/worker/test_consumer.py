@@ -16,6 +16,7 @@ from app.stock.keys import KeySpace
 from app.stock.schemas import Adjustment, SkuSettings
 from app.stock.service import StockService
 from app.stock.sweeper import ExpirySweeper
+from app.store.cluster import read_group
 from app.worker.consumer import GROUP, WriteBehindWorker
 from app.worker.ledger import persist_events
 from tests.helpers import req
@@ -141,7 +142,8 @@ async def test_a_crash_between_commit_and_ack_is_reclaimed_and_written_once(
     crashed = worker(redis, pg, keys, "crashed")
     await crashed.ensure_groups()
     # the crashed worker read and committed a batch, then died before XACK
-    reply = await redis.xreadgroup(GROUP, "crashed", dict.fromkeys([keys.events(s) for s in keys.all_shards()], ">"))
+    streams = dict.fromkeys([keys.events(s) for s in keys.all_shards()], ">")
+    reply = await read_group(redis, GROUP, "crashed", streams, count=10_000, block_ms=None)  # a cluster too
     shard_of = {keys.events(s): s for s in keys.all_shards()}
     read = [StreamEvent(shard_of[stream], eid, fields) for stream, entries in reply for eid, fields in entries]
     async with pg.acquire() as conn, conn.transaction():
