@@ -23,6 +23,7 @@ from app.recovery.rebuild import Rebuilder
 from app.stock.keys import KeySpace
 from app.stock.policy import POLICY_FIELDS
 from app.stock.presale import PRESALE_FIELDS
+from app.store.cluster import with_server_time
 
 FIELDS = (
     "on_hand",
@@ -73,14 +74,16 @@ async def _redis_snapshot(
     found: dict[tuple[str, str], dict[str, str]] = {}
     prefix = keys.sku(shard, "", "")[: -len(":")]  # "sh:{s}:sku:" without the separator
     names = [k async for k in redis.scan_iter(match=keys.sku(shard, "*", "*"), count=1000)]
+    # The shard's clock, read just before the snapshot (inside MULTI a cluster cannot route a keyless TIME):
+    # earlier is the safe side, as it can only make more of PostgreSQL count as later than the snapshot.
+    _, (seconds, micros) = await with_server_time(redis, keys.events(shard), ["EXISTS", keys.events(shard)])
     async with redis.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one instant of the shard
         for name in names:
             tenant, _, sku = name[len(prefix) :].partition(":")
             pipe.hmget(name, list(FIELDS))
             pipe.hgetall(keys.channels(shard, tenant, sku))
         pipe.xinfo_stream(keys.events(shard))
-        pipe.time()
-        *rows, stream, (seconds, micros) = await pipe.execute(raise_on_error=False)
+        *rows, stream = await pipe.execute(raise_on_error=False)
     for name, row, channels in zip(names, rows[0::2], rows[1::2], strict=True):
         tenant, _, sku = name[len(prefix) :].partition(":")
         if not isinstance(row, Exception) and row[0] is not None:  # a SKU deleted meanwhile is skipped
