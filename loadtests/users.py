@@ -60,6 +60,23 @@ def account_facts(new: bool) -> dict[str, int]:
     }
 
 
+# Which fact of the `buyer` each eligibility rule reads (the service's app/stock/policy.py; repeated here so
+# a run against a given URL needs none of the service's code).
+RULE_FACTS = {
+    "min_account_age_days": "account_age_days",
+    "min_orders": "orders_count",
+    "min_member_days": "member_days",
+}
+
+
+def ineligible(rules: dict[str, int] | None, buyer: dict[str, int]) -> str | None:
+    """The first rule `buyer` fails, or None."""
+    for rule, minimum in (rules or {}).items():
+        if buyer.get(RULE_FACTS[rule], 0) < minimum:
+            return f"{rule} {minimum} with {RULE_FACTS[rule]} {buyer.get(RULE_FACTS[rule], 0)}"
+    return None
+
+
 class _StaleConnection(Exception):
     """A request failed on a keep-alive connection the service had closed: send it again."""
 
@@ -175,7 +192,11 @@ class StockholdUser(FastHttpUser):
     def reserve(
         self, user_id: str, items: list[dict[str, Any]], name: str, buyer: dict[str, int]
     ) -> tuple[Answer, Hold | None]:
+        refused_by = ineligible(self.scenario.eligibility, buyer)
+
         def check(doc: dict[str, Any]) -> str | None:
+            if refused_by:  # a hold for an account the SKU's rules refuse is a defect of the service
+                return f"held for an account the eligibility rules refuse ({refused_by})"
             return reservation_error(doc, frozenset({"held"}), user_id=user_id, items=items, needs_deadline=True)
 
         body = {"user_id": user_id, "items": items, "buyer": buyer}

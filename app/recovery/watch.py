@@ -8,6 +8,9 @@ it only watches: an operator runs `stockhold rebuild` (after looking at what hap
 A Redis that lost its data usually restarted, which leaves every pooled connection dead; each would fail
 one request with 503 after the shards are ready again. So when markers are missing, or a check meets a
 broken connection, the idle connections are dropped and the next requests open fresh ones.
+
+On a Redis Cluster it also reloads the slot map every SLOT_MAP_REFRESH_S, so every process learns of
+replicas that joined or died (app/store/cluster.py) without waiting for a failure to tell it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.recovery.rebuild import Rebuilder
-from app.store.cluster import is_cluster
+from app.store.cluster import SLOT_MAP_REFRESH_S, is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,13 @@ class ReadinessWatch:
         await redis.connection_pool.disconnect(inuse_connections=False)
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        next_slot_map = loop.time() + SLOT_MAP_REFRESH_S
         while not stop.is_set():
             try:
+                if is_cluster(self.rebuilder.redis) and loop.time() >= next_slot_map:
+                    next_slot_map = loop.time() + SLOT_MAP_REFRESH_S
+                    await self.rebuilder.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
                 await self.check_once()
             except RedisConnectionError as exc:
                 log.warning("readiness check: Redis connection failed (%s); dropping idle connections", exc)

@@ -47,6 +47,10 @@ REFRESH_GAP_S = 0.25  # slot map reloads after failures are at most this frequen
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
+class ReplicationLag(Exception):
+    """The replica did not acknowledge what was read within the WAIT timeout: the entries stay pending."""
+
+
 def cluster_nodes(url: str) -> list[tuple[str, int]] | None:
     """The startup nodes of a ``redis+cluster://host:port[,host:port...]`` URL; None for any other URL."""
     parts = urlsplit(url)
@@ -123,6 +127,7 @@ class ClusterScriptBatcher:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        self.waits_sent = 0  # groups that ended in WAIT
         self.wait_shortfalls = 0  # groups whose WAIT saw fewer replicas than asked
         self.slot_reloads = 0
 
@@ -177,6 +182,7 @@ class ClusterScriptBatcher:
         except Exception as exc:
             self._answer(calls, [exc] * len(calls), wait_for, None)
             return
+        self.waits_sent += 1 if wait_for else 0
         line.waiting.extend(replies)
         if line.reader is None:
             line.reader = asyncio.create_task(self._read(line))
@@ -295,6 +301,11 @@ class ClusterScriptBatcher:
             del self._lines[line.node.name]
 
 
+# How often every process reloads the slot map even when nothing failed: it is how a client learns that a
+# replica joined or died (WAIT asks for the replicas the map lists; CLUSTER SLOTS drops a failed one within
+# the node timeout). One CLUSTER SLOTS per process per period.
+SLOT_MAP_REFRESH_S = 2.0
+
 # An idle cluster worker polls its streams this often: XREADGROUP BLOCK takes one slot's streams at a time,
 # and blocking on each of a node's shards in turn would delay the others.
 IDLE_POLL_S = 0.02
@@ -333,7 +344,9 @@ async def read_group(
     One call on a single Redis. On a cluster each stream is its own slot, so each node gets its streams'
     reads on one connection, and with `wait_replicas` a WAIT after them: the entries handed out are then on
     the replica as well, so nothing persisted from them can vanish from Redis in a failover (the replica
-    promoted would lack an event PostgreSQL already has). Blocking becomes a short idle poll."""
+    promoted would lack an event PostgreSQL already has). If the replica does not acknowledge in time,
+    ReplicationLag is raised: the entries stay pending for the caller to read again (with id "0") once
+    the replica caught up or the slot map no longer lists it. Blocking becomes a short idle poll."""
     if not is_cluster(redis):
         reply: Any = await redis.xreadgroup(group, consumer, streams, count=count, block=block_ms)  # type: ignore[arg-type]
         return list(reply or [])
@@ -354,6 +367,8 @@ async def read_group(
         if replicas:
             commands.append(["WAIT", replicas, wait_timeout_ms])
         replies = await on_node_of(redis, names[0], commands)
+        if replicas and int(replies[-1]) < replicas:
+            raise ReplicationLag(f"{replies[-1]} of {replicas} replicas of {names[0]}'s node acknowledged")
         # a reply is {stream: entries} or [[stream, entries]], as the connection's protocol has it
         return [
             r for reply in replies[: len(names)] if reply for r in (reply.items() if isinstance(reply, dict) else reply)

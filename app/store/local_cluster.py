@@ -102,11 +102,21 @@ class LocalCluster:
         self._procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_healthy(self, cli: str | None = None) -> None:
-        """Until every live node says cluster_state:ok and every live replica's link to its primary is up."""
+        """Until every live node says cluster_state:ok, every live replica's link to its primary is up, and
+        every node's CLUSTER SLOTS names each primary's replicas (gossip takes a moment after `create`; a
+        client that loads the slot map before would see primaries without replicas)."""
         cli = cli or binaries()[1]
         for port in self.live_ports():
             self._wait(lambda p=port: "cluster_state:ok" in self._cli(cli, p, "CLUSTER", "INFO"), f"{port} ok")
             self._wait(lambda p=port: self._synced(cli, p), f"{port} replica synced")
+        for port in self.live_ports():
+            self._wait(lambda p=port: self._slots_list_replicas(cli, p), f"{port} lists the replicas")
+
+    def _slots_list_replicas(self, cli: str, port: int) -> bool:
+        """Whether the node's CLUSTER SHARDS gives every shard its primary and `replicas` online replicas."""
+        shards = self._cli(cli, port, "CLUSTER", "SHARDS")
+        online = shards.count("online")
+        return online >= self.primaries * (1 + self.replicas) and shards.count("master") >= self.primaries
 
     def _synced(self, cli: str, port: int) -> bool:
         info = self._cli(cli, port, "INFO", "replication")

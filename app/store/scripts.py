@@ -105,6 +105,11 @@ class Scripts:
             else:
                 await self._redis.script_load(src.body)
 
+    @property
+    def replication_waits(self) -> int:
+        """Pipelines that ended in WAIT (on a cluster with replicas; 0 on one Redis)."""
+        return self._batcher.waits_sent if isinstance(self._batcher, ClusterScriptBatcher) else 0
+
     def sha(self, name: str) -> str:
         return str(self._scripts[name].sha)
 

@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
-from app.store.cluster import read_group
+from app.store.cluster import ReplicationLag, read_group
 from app.worker.backlog import PERSISTING_GROUP, trim_persisted
 from app.worker.ledger import persist_events
 
@@ -144,6 +144,12 @@ class WriteBehindWorker:
                     await self.trim()
                     next_trim = loop.time() + trim_every_s
             except Exception as exc:
+                if isinstance(exc, ReplicationLag):  # the read entries stay pending: read again shortly
+                    log.warning("write-behind waits for the replica: %s", exc)
+                    retry_own = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=0.2)
+                    continue
                 if isinstance(exc, ResponseError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
                     log.warning("consumer group gone (Redis lost its data?); creating it again")
                     with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from app.config import Settings
@@ -51,7 +52,7 @@ def doomed_cluster() -> AsyncIterator[LocalCluster]:
 @pytest_asyncio.fixture
 async def sale_client(
     servers: Servers, doomed_cluster: LocalCluster, pg: asyncpg.Pool
-) -> AsyncIterator[tuple[httpx.AsyncClient, Redis]]:
+) -> AsyncIterator[tuple[httpx.AsyncClient, Redis, FastAPI]]:
     settings = Settings(
         REDIS_URL=doomed_cluster.url,
         DATABASE_URL=servers.database_url,
@@ -65,14 +66,14 @@ async def sale_client(
     async with app.router.lifespan_context(app):  # rebuilds every shard from the emptied PostgreSQL first
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://stockhold.test") as client:
-            yield client, redis
+            yield client, redis, app
     await redis.aclose()
 
 
 async def test_killing_a_primary_mid_sale_loses_no_acknowledged_hold_and_never_oversells(
-    sale_client: tuple[httpx.AsyncClient, Redis], doomed_cluster: LocalCluster, pg: asyncpg.Pool
+    sale_client: tuple[httpx.AsyncClient, Redis, FastAPI], doomed_cluster: LocalCluster, pg: asyncpg.Pool
 ) -> None:
-    client, redis = sale_client
+    client, redis, app = sale_client
     keys = KeySpace(SHARDS)
     await put_sku(client, SKU, on_hand=UNITS)
     sku_key = keys.sku(keys.shard_of(TENANT, SKU), TENANT, SKU)
@@ -84,6 +85,7 @@ async def test_killing_a_primary_mid_sale_loses_no_acknowledged_hold_and_never_o
     outcomes: Counter[tuple[str, int]] = Counter()
     started = time.monotonic()
     killed_at: list[float] = []
+    waits_before_kill: list[int] = []
 
     async def buyer(n: int) -> None:
         rng = random.Random(n)
@@ -120,6 +122,7 @@ async def test_killing_a_primary_mid_sale_loses_no_acknowledged_hold_and_never_o
 
     async def killer() -> None:
         await asyncio.sleep(KILL_AFTER_S)
+        waits_before_kill.append(app.state.scripts.replication_waits)
         killed_at.append(time.monotonic())
         await asyncio.to_thread(doomed_cluster.kill, victim)
 
@@ -129,6 +132,7 @@ async def test_killing_a_primary_mid_sale_loses_no_acknowledged_hold_and_never_o
     promoted = await asyncio.to_thread(doomed_cluster.wait_primary_elsewhere, slot, victim)
     assert promoted != victim
     print(f"\nfailover: outcomes {dict(outcomes)}, {len(held)} held, {len(confirmed)} confirmed")
+    assert waits_before_kill[0] > 0, "the replies before the kill did not wait for the replica"
     assert outcomes[("after", 503)] > 0, outcomes
     assert outcomes[("after", 201)] > 0, outcomes
     assert samples and all(h + s <= o for o, h, s in samples), "held + sold above on hand during the sale"

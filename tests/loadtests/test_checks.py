@@ -77,3 +77,16 @@ def test_overrides_reach_nested_settings_and_survive_the_trip_to_locust() -> Non
     assert SCENARIOS["steady-checkout"].user_classes() == ["Buyer", "Scalper", "Browser", "Merchant"]
     with pytest.raises(ValueError, match="unknown scenario setting"):
         with_overrides(scenario, {"scalper.payp": 1})
+
+
+def test_an_account_is_ineligible_by_the_first_rule_it_fails() -> None:
+    from loadtests.users import ineligible
+
+    rules = {"min_account_age_days": 30, "min_orders": 1}
+    assert ineligible(rules, {"account_age_days": 30, "orders_count": 1, "member_days": 0}) is None
+    assert (
+        ineligible(rules, {"account_age_days": 29, "orders_count": 5})
+        == "min_account_age_days 30 with account_age_days 29"
+    )
+    assert ineligible(rules, {"account_age_days": 400, "orders_count": 0}) == "min_orders 1 with orders_count 0"
+    assert ineligible(None, {"account_age_days": 0}) is None

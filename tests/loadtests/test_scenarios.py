@@ -71,12 +71,13 @@ async def test_scaled_down_flash_sale_with_eligibility_rules_against_a_given_url
     assert sum(item["quantity"] for sale in sales for item in sale["items"]) == 100
     assert len({sale["user_id"] for sale in sales}) == 100  # per-user limit 1: a hundred different accounts
     assert outcomes["journeys"] == {"buyer": 1000, "scalper": 500}  # a third scalpers
-    # most scalper accounts are new: the rules refused them (and no answer was unexpected: the audit passed)
-    # When the 100 bottles go before any scalper's first try (seen once on a fast Redis), every scalper meets
-    # the sold-out answer and the rules are never asked: then no scalper may hold one either.
+    # No account the rules refuse got a hold: every 201 is checked against the account's facts by the Locust
+    # user, and a hold for a refused one fails the audit (returncode above). That the rules were asked at all
+    # shows in the 403s: most scalper accounts and a tenth of the buyers' are new, and buyers keep coming
+    # while stock lasts, so some new account meets the rules before the hundred bottles are gone.
     responses = outcomes["responses"]
-    refused, won = responses.get("scalper: reserve -> 403 not_eligible", 0), responses.get("scalper: reserve -> 201", 0)
-    assert refused > 0 or won == 0, responses
+    refused = sum(n for label, n in responses.items() if label.endswith("reserve -> 403 not_eligible"))
+    assert refused > 0, responses
     assert tuple(await pg.fetchrow(SOLD_AND_HELD, sku) or ()) == (100, 0)
     confirmed_lines = await pg.fetchval(
         "SELECT count(*) FROM reservation_line WHERE sku = $1 AND status = 'confirmed'", sku
