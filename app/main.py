@@ -72,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys = KeySpace(settings.shard_count)
         sweeper = ExpirySweeper(redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch)
         watch = ReadinessWatch(Rebuilder(redis, pg, keys), auto_rebuild=settings.auto_rebuild)
+        scripts.on_lost_writes(watch.withdraw_slots)  # a Redis Cluster failover that may have lost writes
         stop = asyncio.Event()
         app.state.redis, app.state.pg, app.state.scripts, app.state.keys = redis, pg, scripts, keys
         refresh_ms = settings.sold_out_refresh_ms

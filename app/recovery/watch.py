@@ -45,6 +45,20 @@ class ReadinessWatch:
             missing = await self.rebuilder.missing_shards()
         return missing
 
+    async def withdraw_slots(self, slots: list[int]) -> None:
+        """Takes the shards living in `slots` out of service: their ready markers go, so their scripts refuse
+        (503 not_ready) until the next check rebuilds them from PostgreSQL. For a failover that may have lost
+        acknowledged writes (app/store/cluster.py): PostgreSQL holds every confirmation, and the worker wrote
+        nothing the replica lacked, so the rebuilt shard has all that survived anywhere."""
+        redis = self.rebuilder.redis
+        keys = self.rebuilder.keys
+        wanted = set(slots)
+        shards = [s for s in keys.all_shards() if redis.keyslot(keys.ready(s)) in wanted]  # type: ignore[attr-defined]
+        if shards:
+            log.error("shards %s withdrawn after a failover that may have lost writes: rebuilding them", shards)
+            for shard in shards:
+                await redis.delete(keys.ready(shard))
+
     async def _drop_idle_connections(self) -> None:
         redis = self.rebuilder.redis
         if is_cluster(redis):

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.event import AsyncAfterSlotsCacheRefreshEvent, AsyncEventListenerInterface
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -127,6 +128,17 @@ class ClusterScriptBatcher:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        # Lost-write fence: the nodes whose WAIT fell short (their replica may lack what was acknowledged), and
+        # the primary each slot's calls last went to. When a slot's primary changes away from such a node, the
+        # replica promoted may have lost acknowledged changes: `on_lost_writes(slots)` runs (the service
+        # takes those shards out of service to be rebuilt from PostgreSQL) before any call reaches the new
+        # primary. Calls for the slot wait meanwhile.
+        self.on_lost_writes: Callable[[list[int]], Awaitable[None]] | None = None
+        self._lossy: set[str] = set()
+        self._last_primary: dict[int, str] = {}
+        self._fences: dict[str, asyncio.Task[None]] = {}
+        self._fenced: list[_Call] = []
+        self._watch_slot_map_loads()
         self.waits_sent = 0  # groups that ended in WAIT
         self.wait_shortfalls = 0  # groups whose WAIT saw fewer replicas than asked
         self.slot_reloads = 0
@@ -154,11 +166,69 @@ class ClusterScriptBatcher:
                     call.future.set_exception(RedisConnectionError(f"no node serves the call's slot: {exc!r}"))
                 self._reload_slots()
                 continue
+            before = self._last_primary.get(slot)
+            if before != node.name:
+                if before is not None and before in self._lossy:
+                    self._fence(before, call)
+                    continue
+                self._last_primary[slot] = node.name
             replicas = max(0, len(manager.slots_cache.get(slot, [])) - 1)
             groups.setdefault(node.name, (node, replicas, []))[2].append(call)
         for node, replicas, calls in groups.values():
             for start in range(0, len(calls), self._max_batch):
                 self._spawn(self._write(node, replicas, calls[start : start + self._max_batch]))
+
+    def _watch_slot_map_loads(self) -> None:
+        """Checks for a failover of a lossy node after every load of the slot map, whoever asked for it (a
+        failed read, the periodic refresh, this batcher): reads must not go on at the promoted replica either.
+        redis-py announces every load with AsyncAfterSlotsCacheRefreshEvent on the nodes manager's dispatcher."""
+        batcher = self
+
+        class Listener(AsyncEventListenerInterface):
+            async def listen(self, event: object) -> None:
+                batcher._check_failovers()
+
+        self._listener = Listener()  # the dispatcher keeps it; held here too for the batcher's lifetime
+        dispatcher = self._cluster.nodes_manager._event_dispatcher
+        dispatcher.register_listeners({AsyncAfterSlotsCacheRefreshEvent: [self._listener]})
+
+    def _check_failovers(self) -> None:
+        cache = self._cluster.nodes_manager.slots_cache
+        for slot, before in list(self._last_primary.items()):
+            nodes = cache.get(slot)
+            if before in self._lossy and nodes and nodes[0].name != before:
+                self._fence(before, None)
+
+    def _fence(self, lost: str, call: _Call | None) -> None:
+        """Holds `call` until every slot that last went to the lost primary `lost` was handed to
+        on_lost_writes."""
+        if call is not None:
+            self._fenced.append(call)
+        if lost not in self._fences:
+            self._fences[lost] = asyncio.create_task(self._run_fence(lost))
+
+    async def _run_fence(self, lost: str) -> None:
+        slots = sorted(slot for slot, name in self._last_primary.items() if name == lost)
+        log.error(
+            "primary %s failed over after its replica fell behind acknowledged writes (WAIT fell short): "
+            "%d slots it served are taken out of service to be rebuilt from PostgreSQL",
+            lost,
+            len(slots),
+        )
+        try:
+            if self.on_lost_writes is not None:
+                await self.on_lost_writes(slots)
+        except Exception:
+            log.exception("taking the slots of %s out of service failed; their calls go on", lost)
+        finally:
+            for slot in slots:
+                if self._last_primary.get(slot) == lost:
+                    del self._last_primary[slot]
+            self._lossy.discard(lost)
+            del self._fences[lost]
+            fenced, self._fenced = self._fenced, []
+            for call in fenced:
+                self._enqueue(call)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -180,7 +250,7 @@ class ClusterScriptBatcher:
                 )
             line = await self._open_line(node)
         except Exception as exc:
-            self._answer(calls, [exc] * len(calls), wait_for, None)
+            self._answer(None, calls, [exc] * len(calls), wait_for, None)
             return
         self.waits_sent += 1 if wait_for else 0
         line.waiting.extend(replies)
@@ -195,11 +265,18 @@ class ClusterScriptBatcher:
             await self._break(line, exc)
         results = await asyncio.gather(*replies, return_exceptions=True)
         acked = results[-1] if wait_for else None
-        self._answer(calls, results[: len(calls)], wait_for, acked)
+        self._answer(node, calls, results[: len(calls)], wait_for, acked)
 
-    def _answer(self, calls: list[_Call], results: Sequence[Any], wait_for: int, acked: Any) -> None:
+    def _answer(
+        self, node: ClusterNode | None, calls: list[_Call], results: Sequence[Any], wait_for: int, acked: Any
+    ) -> None:
         if wait_for and isinstance(acked, int) and acked < wait_for:
             self.wait_shortfalls += 1
+            if node is not None:
+                self._lossy.add(node.name)
+        elif wait_for and node is not None and isinstance(acked, int):
+            # the replica caught up: WAIT counts the whole replication stream, earlier writes included
+            self._lossy.discard(node.name)
             log.warning("WAIT: %d of %d replicas acknowledged within %d ms", acked, wait_for, self.wait_timeout_ms)
         for call, result in zip(calls, results, strict=True):
             if call.future.done():

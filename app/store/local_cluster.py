@@ -158,6 +158,25 @@ class LocalCluster:
                         return int(fields[1].split(":")[1].split("@")[0])
         raise LookupError(f"no live primary serves slot {slot}")
 
+    def replica_ports_of(self, primary_port: int) -> list[int]:
+        """The live nodes that replicate `primary_port` (from its CLUSTER NODES)."""
+        cli = binaries()[1]
+        lines = [line.split() for line in self._cli(cli, primary_port, "CLUSTER", "NODES").splitlines()]
+        ids = {f[1].split("@")[0]: f[0] for f in lines if len(f) > 3}
+        primary_id = ids[f"127.0.0.1:{primary_port}"]
+        return [int(f[1].split(":")[1].split("@")[0]) for f in lines if len(f) > 3 and f[3] == primary_id]
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP one node: it answers nothing and reads nothing until `resume`."""
+        self._procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self._procs[port].send_signal(signal.SIGCONT)
+
+    def cut_replication(self, primary_port: int) -> None:
+        """Drops the primary's links to its replicas (they reconnect when they can: pause them first)."""
+        self._cli(binaries()[1], primary_port, "CLIENT", "KILL", "TYPE", "replica")
+
     def kill(self, port: int) -> None:
         """SIGKILL one node: no shutdown, no last write, as a crashed machine."""
         proc = self._procs[port]
@@ -179,6 +198,7 @@ class LocalCluster:
     def stop(self) -> None:
         for proc in self._procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused node would not act on SIGTERM
                 proc.terminate()
         for proc in self._procs.values():
             try:

@@ -15,7 +15,7 @@ node ending in WAIT (app/store/cluster.py).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +105,21 @@ class Scripts:
             else:
                 await self._redis.script_load(src.body)
 
+    def on_lost_writes(self, callback: Callable[[list[int]], Awaitable[None]]) -> None:
+        """On a cluster: `callback(slots)` runs when a primary whose replica fell behind acknowledged writes
+        was failed over, before any call reaches the replica promoted in its place (app/store/cluster.py)."""
+        if isinstance(self._batcher, ClusterScriptBatcher):
+            self._batcher.on_lost_writes = callback
+
     @property
     def replication_waits(self) -> int:
         """Pipelines that ended in WAIT (on a cluster with replicas; 0 on one Redis)."""
         return self._batcher.waits_sent if isinstance(self._batcher, ClusterScriptBatcher) else 0
+
+    @property
+    def replication_shortfalls(self) -> int:
+        """Pipelines whose WAIT saw fewer replicas than asked within the timeout."""
+        return self._batcher.wait_shortfalls if isinstance(self._batcher, ClusterScriptBatcher) else 0
 
     def sha(self, name: str) -> str:
         return str(self._scripts[name].sha)

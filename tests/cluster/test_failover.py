@@ -161,3 +161,82 @@ async def test_killing_a_primary_mid_sale_loses_no_acknowledged_hold_and_never_o
             break
         await asyncio.sleep(0.5)
     assert drift == []
+
+
+@pytest_asyncio.fixture
+async def lagging_sale(
+    servers: Servers, doomed_cluster: LocalCluster, pg: asyncpg.Pool
+) -> AsyncIterator[tuple[httpx.AsyncClient, Redis, FastAPI]]:
+    settings = Settings(
+        REDIS_URL=doomed_cluster.url,
+        DATABASE_URL=servers.database_url,
+        STOCKHOLD_SHARDS=SHARDS,
+        STOCKHOLD_REQUIRE_AUTH=False,
+        STOCKHOLD_WEBHOOKS=False,
+        STOCKHOLD_REDIS_WAIT_TIMEOUT_MS=50,  # a replica that does not answer costs each call 50 ms
+    )
+    app = create_app(settings)
+    redis = connect_redis(doomed_cluster.url, pool_size=16)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://stockhold.test") as client:
+            yield client, redis, app
+    await redis.aclose()
+
+
+async def until_answered(client: httpx.AsyncClient, path: str, timeout_s: float = 30.0) -> httpx.Response:
+    """GET `path` until it answers something other than 503 (the shard out of service while rebuilt)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = await client.get(path)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        await asyncio.sleep(0.1)
+
+
+async def test_a_failover_after_the_replica_fell_behind_rebuilds_the_shards_from_postgresql(
+    lagging_sale: tuple[httpx.AsyncClient, Redis, FastAPI], doomed_cluster: LocalCluster, pg: asyncpg.Pool
+) -> None:
+    client, redis, app = lagging_sale
+    keys = KeySpace(SHARDS)
+    await put_sku(client, SKU, on_hand=10)
+    slot = int(await redis.cluster_keyslot(keys.sku(keys.shard_of(TENANT, SKU), TENANT, SKU)))
+    primary = doomed_cluster.primary_port_of_slot(slot)
+    (replica,) = doomed_cluster.replica_ports_of(primary)
+
+    async def buy(user: str) -> str:
+        held = await reserve(client, user, (SKU, 1))
+        assert held.status_code == 201, held.text
+        paid = await client.post(f"/v1/reservations/{held.json()['id']}/confirm")
+        assert paid.status_code == 200, paid.text
+        return str(held.json()["id"])
+
+    # two sales while the replica keeps up; then it stops hearing from its primary, and three more sales are
+    # acknowledged (each confirmation written through to PostgreSQL) that only the primary has
+    sold = [await buy("early-1"), await buy("early-2")]
+    doomed_cluster.pause(replica)
+    doomed_cluster.cut_replication(primary)
+    sold += [await buy(f"late-{i}") for i in range(3)]
+    assert app.state.scripts.replication_shortfalls > 0
+
+    # the primary dies; the replica, behind by those three sales, is promoted
+    doomed_cluster.kill(primary)
+    doomed_cluster.resume(replica)
+    await asyncio.to_thread(doomed_cluster.wait_primary_elsewhere, slot, primary)
+
+    # the service withdrew the shards it had served there and rebuilt them from PostgreSQL: all five sales
+    for rid in sold:
+        response = await until_answered(client, f"/v1/reservations/{rid}")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "confirmed", (rid, response.json())
+    state = await sku_state(client, SKU)
+    assert (state["on_hand"], state["held"], state["sold"], state["available"]) == (10, 0, 5, 5)
+    assert app.state.watch.rebuilds > 0
+    # and it sells on from there, the counters agreeing with PostgreSQL
+    await buy("after")
+    for _ in range(60):
+        drift = await compare(redis, pg, keys)
+        if not drift:
+            break
+        await asyncio.sleep(0.5)
+    assert drift == []
