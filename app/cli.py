@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ def serve(
             from app.api.auth import open_mode_notice
 
             typer.secho(f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True)
+        # uvicorn shuts down on SIGTERM, then sends the signal to itself again with the handler found before
+        # it started: with the default one the process would die there, before this `with` stops the
+        # embedded servers (left running, orphaned). This handler turns that second SIGTERM into a normal exit.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.run(
             "app.main:create_app",
             factory=True,
@@ -84,6 +89,10 @@ def serve(
             access_log=settings.access_log,
             timeout_keep_alive=settings.keep_alive_seconds,
         )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _migrate() -> list[str]:

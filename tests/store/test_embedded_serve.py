@@ -1,5 +1,6 @@
 """`stockhold serve` with no REDIS_URL / DATABASE_URL starts embedded servers under its data directory,
-serves, and stops them cleanly on Ctrl-C (SIGINT) — the `make run` experience."""
+serves, and stops them cleanly on Ctrl-C (SIGINT) — the `make run` experience — and on SIGTERM (what a
+container runtime or a service manager sends)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import embedded_data_dir
 from tests.processes import free_port
@@ -34,12 +36,13 @@ def _server_processes_under(data: Path) -> list[psutil.Process]:
     return found
 
 
-def test_serve_starts_embedded_servers_and_stops_them_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_starts_embedded_servers_and_stops_them_on_a_signal(tmp_path: Path, stop: signal.Signals) -> None:
     with ExitStack() as stack:
-        _serve_and_interrupt(embedded_data_dir(stack) / "data", tmp_path)
+        _serve_and_interrupt(embedded_data_dir(stack) / "data", tmp_path, stop)
 
 
-def _serve_and_interrupt(data: Path, tmp_path: Path) -> None:
+def _serve_and_interrupt(data: Path, tmp_path: Path, stop: signal.Signals) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env["STOCKHOLD_DATA_DIR"] = str(data)
@@ -68,7 +71,7 @@ def _serve_and_interrupt(data: Path, tmp_path: Path) -> None:
             ours = _server_processes_under(data)
             assert {p.info["name"].split()[0] for p in ours} >= {"valkey-server", "postgres"}, ours
         finally:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop)
             code = proc.wait(timeout=30)
     assert code == 0, log_path.read_text()
     gone = psutil.wait_procs(ours, timeout=10)[1]
