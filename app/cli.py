@@ -92,7 +92,12 @@ def serve(
         else:
             from app.api.auth import open_mode_notice
 
-            typer.secho(f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True)
+            if settings.log_format == "json":  # stderr then holds log records only, one JSON object a line
+                log.warning("API keys NOT required: %s", open_mode_notice(settings))
+            else:
+                typer.secho(
+                    f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True
+                )
         uvicorn.run(
             "app.main:create_app",
             factory=True,
