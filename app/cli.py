@@ -54,6 +54,22 @@ def _start_embedded(stack: ExitStack) -> None:
     get_settings.cache_clear()
 
 
+def _metrics_dir(stack: ExitStack) -> None:
+    """Points PROMETHEUS_MULTIPROC_DIR at a fresh directory for this serve's API processes (removed when
+    `stack` closes), so a scrape of any of them answers the deployment's totals (app/telemetry/metrics.py).
+    One set by the operator (a volume shared with a sidecar, say) is used as it is, and kept."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    import shutil
+    import tempfile
+
+    # prometheus_client picks its storage when first imported, which happens after this returns: in the
+    # worker processes uvicorn spawns (or, with one worker, when uvicorn imports the app here)
+    path = tempfile.mkdtemp(prefix="stockhold-metrics-")
+    stack.callback(shutil.rmtree, path, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
 @app.command()
 def serve(
     host: str = typer.Option(None, help="Bind address [STOCKHOLD_HOST, default 127.0.0.1]"),
@@ -61,9 +77,12 @@ def serve(
     workers: int = typer.Option(1, min=1, help="API worker processes"),
 ) -> None:
     """Serve the API (and its expiry sweeper). Starts embedded Redis / PostgreSQL when their URLs are unset."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.telemetry.logs import configure_logging
+
+    log_config = configure_logging(get_settings().log_format)
     with ExitStack() as stack:
         _start_embedded(stack)
+        _metrics_dir(stack)
         settings = get_settings()
         # Before the workers start, so a failing migration stops `serve` with one clear error; each
         # worker's lifespan applies them again, a no-op under the advisory lock.
@@ -74,7 +93,12 @@ def serve(
         else:
             from app.api.auth import open_mode_notice
 
-            typer.secho(f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True)
+            if settings.log_format == "json":  # stderr then holds log records only, one JSON object a line
+                log.warning("API keys NOT required: %s", open_mode_notice(settings))
+            else:
+                typer.secho(
+                    f"WARNING: API keys NOT required: {open_mode_notice(settings)}", fg="red", bold=True, err=True
+                )
         # uvicorn shuts down on SIGTERM, then sends the signal to itself again with the handler found before
         # it started: with the default one the process would die there, before this `with` stops the
         # embedded servers (left running, orphaned). This handler turns that second SIGTERM into a normal exit.
@@ -86,6 +110,7 @@ def serve(
             port=port or settings.port,
             workers=workers,
             log_level="info",
+            log_config=log_config,  # each worker process applies it: the same JSON (or text) lines
             access_log=settings.access_log,
             timeout_keep_alive=settings.keep_alive_seconds,
         )
@@ -178,9 +203,10 @@ def worker(
 
     from app.recovery.rebuild import Rebuilder
     from app.recovery.watch import ReadinessWatch
+    from app.telemetry.logs import configure_logging
     from app.worker.consumer import WriteBehindWorker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(get_settings().log_format)
 
     async def body(s: _Stores) -> None:
         consumer = name or f"worker-{socket.gethostname()}-{os.getpid()}"

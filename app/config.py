@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,10 @@ class Settings(BaseSettings):
     # One log line per request costs a reservation about a tenth of its CPU at flash-sale rates (uvicorn's
     # access log, measured); /metrics counts requests instead. True for a trial that wants to see them.
     access_log: bool = Field(default=False, validation_alias="STOCKHOLD_ACCESS_LOG")
+
+    # How `stockhold serve` and `stockhold worker` write their logs: one JSON object a line (what log
+    # shippers parse without a grok pattern), each with the request id; `text` for a person at a terminal.
+    log_format: Literal["json", "text"] = Field(default="json", validation_alias="STOCKHOLD_LOG_FORMAT")
 
     # How long an idle client connection stays open. It must outlast the idle timeout of whatever pools
     # connections in front of us (httpx and aiohttp keep 5 s, AWS ALB 60 s): when both sides give up at the

@@ -22,6 +22,7 @@ from app.api.auth import open_mode_notice, open_principal
 from app.api.body_guard import BodyGuard
 from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
+from app.api.observe import observe
 from app.api.problems import install_problem_handlers
 from app.api.routes import listings, metrics, ops, reservations, skus, webhooks
 from app.auth.authenticator import Authenticator
@@ -40,6 +41,7 @@ from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
 from app.store.scripts import Scripts
+from app.telemetry.metrics import Metrics
 from app.webhooks.process import start_webhooks
 from app.worker.consumer import WriteBehindWorker
 from app.worker.ledger import PostgresLedger
@@ -70,13 +72,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         await scripts.load()
         keys = KeySpace(settings.shard_count)
-        sweeper = ExpirySweeper(redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch)
+        telemetry: Metrics = app.state.metrics
+        sweeper = ExpirySweeper(
+            redis, scripts, keys, settings.sweep_interval_ms, settings.sweep_batch, metrics=telemetry
+        )
         watch = ReadinessWatch(Rebuilder(redis, pg, keys), auto_rebuild=settings.auto_rebuild)
         scripts.on_lost_writes(watch.withdraw_slots)  # a Redis Cluster failover that may have lost writes
         stop = asyncio.Event()
         app.state.redis, app.state.pg, app.state.scripts, app.state.keys = redis, pg, scripts, keys
         refresh_ms = settings.sold_out_refresh_ms
-        sold_out = SoldOutBook(background, keys, refresh_ms) if refresh_ms else None
+        hit = telemetry.sold_out_hits.inc
+        sold_out = SoldOutBook(background, keys, refresh_ms, on_hit=hit) if refresh_ms else None
         app.state.service = StockService(
             redis,
             scripts,
@@ -132,12 +138,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await redis.aclose()
         await background.aclose()
         await pg.close()
+        app.state.metrics.close()
 
 
 class Stockhold(FastAPI):
-    """FastAPI with the reserve hot path (app/api/hot_path.py) in front of its middleware stack."""
+    """FastAPI with the reserve hot path (app/api/hot_path.py) in front of its middleware stack, and in
+    front of both the request id and the request metrics (app/api/observe.py)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await observe(self.state.metrics, scope, receive, send, self._serve)  # request id, latency
+        else:
+            await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not await admit_client(self.state, scope, receive, send):
             return
         if is_hot(scope):
@@ -165,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reservations.router)
     app.include_router(ops.router)
     app.include_router(metrics.router)
-    app.state.gauges = metrics.PipelineGauges()
+    app.state.metrics = Metrics()  # before the lifespan: the sweeper, the fast path and the sender count here
+    app.state.gauges = metrics.PipelineGauges(app.state.metrics.scrape)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     return app

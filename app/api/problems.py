@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.errors import AuthError, Forbidden, Unauthenticated
 from app.stock import errors
+from app.telemetry.context import note_code
 from app.webhooks.errors import WebhookNotFound
 
 PROBLEM_JSON = "application/problem+json"
@@ -62,6 +63,7 @@ def problem(status: int, code: str, title: str, detail: str, instance: str | Non
     if instance:
         body["instance"] = instance
     body.update(extra)
+    note_code(code)  # the reservation metrics count refusals by this code (app/api/observe.py)
     return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM_JSON)
 
 

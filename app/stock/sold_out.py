@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
@@ -40,7 +40,14 @@ MIN_GAP_S = 0.005
 
 
 class SoldOutBook:
-    def __init__(self, redis: Redis, keys: KeySpace, refresh_ms: int = 50, capacity: int = 1_000) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySpace,
+        refresh_ms: int = 50,
+        capacity: int = 1_000,
+        on_hit: Callable[[], object] | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.interval = refresh_ms / 1000
@@ -50,7 +57,8 @@ class SoldOutBook:
         self._woke = 0.0  # monotonic time the last wait on the streams returned
         self._tips: dict[int, str] = {}  # shard -> newest event id read with its remembered SKUs' counters
         self._learned = asyncio.Event()  # set when a SKU is remembered: the idle refresh starts watching
-        self.hits = 0  # reservations refused from memory, for metrics
+        self.hits = 0  # reservations refused from memory
+        self._on_hit = on_hit  # and told to the metrics (stockhold_sold_out_fast_path_hits_total)
 
     def __contains__(self, key: SkuKey) -> bool:
         return key in self._known
@@ -67,6 +75,8 @@ class SoldOutBook:
         if not short:
             return None
         self.hits += 1
+        if self._on_hit is not None:
+            self._on_hit()
         names = ", ".join(f"{s['sku']} (0 available, {s['requested']} requested)" for s in short)
         return InsufficientStock(f"not enough stock for {names}", items=short)
 

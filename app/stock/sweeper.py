@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
@@ -21,12 +22,24 @@ from app.stock.errors import ScriptCode
 from app.stock.keys import KeySpace
 from app.store.scripts import Scripts
 
+if TYPE_CHECKING:
+    from app.telemetry.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 
 class ExpirySweeper:
-    def __init__(self, redis: Redis, scripts: Scripts, keys: KeySpace, interval_ms: int, batch: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        keys: KeySpace,
+        interval_ms: int,
+        batch: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.redis = redis
+        self.metrics = metrics  # counts each tick of run(): its result, duration and the parts it expired
         self.scripts = scripts
         self.keys = keys
         self.interval = interval_ms / 1000
@@ -86,9 +99,13 @@ class ExpirySweeper:
     async def run(self, stop: asyncio.Event) -> None:
         """Sweeps every `interval` until `stop` is set; a failing tick is logged and retried next tick."""
         while not stop.is_set():
+            started = time.perf_counter()
+            expired: int | None = None
             try:
-                await self.sweep_once()
+                expired = await self.sweep_once()
             except Exception:  # keep sweeping: a Redis blip must not end expiry for the process's life
                 log.exception("expiry sweep failed; retrying next tick")
+            if self.metrics is not None:
+                self.metrics.count_sweep(started, expired)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)

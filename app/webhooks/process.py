@@ -30,7 +30,7 @@ async def start_webhooks(state: Any, settings: Settings, stop: asyncio.Event) ->
         retry_cap_s=settings.webhook_retry_cap_s,
         concurrency=settings.webhook_concurrency,
         poll_ms=settings.webhook_poll_ms,
-        counters=DeliveryCounters(state.gauges.registry),
+        counters=DeliveryCounters(state.metrics.registry),
     )
     dispatcher = WebhookDispatcher(
         state.redis,

@@ -95,7 +95,7 @@ class AttemptResult:
 
 
 class DeliveryCounters:
-    """Prometheus counters of this process's sender (each process counts its own)."""
+    """Prometheus counters of this process's sender (under `serve`, a scrape sums every process's)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.attempts = Counter(

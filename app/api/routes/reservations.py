@@ -18,10 +18,12 @@ from app.api.deps import (
 )
 from app.api.idempotent import run_idempotent
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
+from app.stock.errors import InsufficientStock
 from app.stock.idempotency import IdempotencyStore
 from app.stock.rate_limits import RateLimiter
 from app.stock.schemas import Reservation, ReservationRequest
 from app.stock.service import StockService
+from app.telemetry.context import note_outcome
 
 router = APIRouter(prefix="/v1/reservations", tags=["checkout"], responses=AUTH_RESPONSES)
 
@@ -100,15 +102,25 @@ async def reserve(
     both answer through here. Listing lines are expanded into SKU lines first (app/stock/listings.py).
     Then, inside the operation the key guards (so a retry of an answered request is replayed, never
     refused anew): a SKU this process knows is sold out is refused from memory (app/stock/sold_out.py),
-    and the per-user rate limit is checked; a rate limit's 429 is not stored, so a retry runs afresh."""
+    and the per-user rate limit is checked; a rate limit's 429 is not stored, so a retry runs afresh.
+    The metrics learn the outcomes a status and a problem code do not tell apart (note_outcome)."""
     stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
+    ran = False
 
     async def run(reservation_id: str, retry: bool) -> Response:
-        service.refuse_known_sold_out(tenant, stock)
+        nonlocal ran
+        ran = True
+        try:
+            service.refuse_known_sold_out(tenant, stock)
+        except InsufficientStock:
+            note_outcome("sold_out_fast_path")
+            raise
         await limiter.check_user(tenant, body.user_id)
-        return json_response(await service.reserve(tenant, stock, reservation_id, retry), 201)
+        response = json_response(await service.reserve(tenant, stock, reservation_id, retry), 201)
+        note_outcome("reserved")
+        return response
 
-    return await run_idempotent(
+    response = await run_idempotent(
         store,
         tenant,
         idempotency_key,
@@ -118,6 +130,9 @@ async def reserve(
         instance,
         run,
     )
+    if not ran:  # the key's first answer, replayed
+        note_outcome("idempotent_replay")
+    return response
 
 
 @router.get(
