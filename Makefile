@@ -13,6 +13,7 @@ help:
 	@echo "make bench  reserve hot path side by side with a trivial FastAPI endpoint and PostgreSQL-only designs (~3 min, 127.0.0.1 only)"
 	@echo "make bench-writebehind  write-behind lag at 2,000/s and the worker's drain rate (~90 s)"
 	@echo "make loadtest SCENARIO=last-bottle|flash-100|flash-100-eligibility|steady-checkout [URL=http://...]  Locust flash sale + audit"
+	@echo "           [REPLICAS=3 WORKERS=2 [KILL_WORKER=1]]  against separate serve and worker processes (loadtests/deployment.py)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
@@ -52,7 +53,9 @@ bench-writebehind: $(STAMP) wrk
 	$(BIN)/python -m bench.writebehind
 
 loadtest: $(STAMP)
-	$(BIN)/python -m loadtests $(or $(SCENARIO),last-bottle) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
+	$(BIN)/python -m loadtests $(or $(SCENARIO),last-bottle) $(if $(URL),--url $(URL)) \
+	  $(if $(REPLICAS),--replicas $(REPLICAS) --workers $(or $(WORKERS),2)) $(if $(KILL_WORKER),--kill-worker) \
+	  $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
