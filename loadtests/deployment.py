@@ -12,7 +12,9 @@ the write-behind consumer group. The Locust users are spread over the replicas' 
 Before anything runs, an audit consumer group is created on every shard stream. Streams are trimmed only
 below what every group acknowledged (app/worker/backlog.py), and this group acknowledges nothing, so every
 event of the run stays in its stream until the end: the run's events can then be matched one for one
-against PostgreSQL's ledger (stock_movement, one row per event id). The group is destroyed at the end.
+against PostgreSQL's ledger (stock_movement, one row per event id). The group is destroyed at the end; a
+run killed before that leaves it on a Redis given by REDIS_URL, where it stops trimming until the next run
+resets it or `XGROUP DESTROY <stream> loadtest-audit` drops it.
 
 After the audit (which needs the replicas), the checks here:
 
