@@ -15,6 +15,7 @@ help:
 	@echo "make bench-writebehind  write-behind lag at 2,000/s and the worker's drain rate (~90 s)"
 	@echo "make bench-cluster  reserve throughput: one Redis vs a local six-node Redis Cluster, with and without WAIT (~1 min)"
 	@echo "make loadtest SCENARIO=last-bottle|flash-100|flash-100-eligibility|steady-checkout [URL=http://...]  Locust flash sale + audit"
+	@echo "           [REPLICAS=3 WORKERS=2 [KILL_WORKER=1]]  against separate serve and worker processes (loadtests/deployment.py)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null || { \
@@ -71,7 +72,9 @@ bench-cluster: $(STAMP)
 	$(BIN)/python -m bench.cluster
 
 loadtest: $(STAMP)
-	$(BIN)/python -m loadtests $(or $(SCENARIO),last-bottle) $(if $(URL),--url $(URL)) $(LOADTEST_ARGS)
+	$(BIN)/python -m loadtests $(or $(SCENARIO),last-bottle) $(if $(URL),--url $(URL)) \
+	  $(if $(REPLICAS),--replicas $(REPLICAS) --workers $(or $(WORKERS),2)) $(if $(KILL_WORKER),--kill-worker) \
+	  $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

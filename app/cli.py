@@ -226,6 +226,13 @@ def worker(
         watch = ReadinessWatch(Rebuilder(s.redis, s.pg, s.keys), auto_rebuild=s.settings.auto_rebuild)
         typer.echo(f"write-behind worker {consumer} running")
         await asyncio.gather(worker.run(stop), watch.run(stop))
+        # What this consumer did, for whoever watches several workers share a group (loadtests/deployment.py):
+        # every entry is delivered to one consumer of the group, so the workers' acknowledged entries add up
+        # to the streams' entries unless one died and another took its pending entries over.
+        typer.echo(
+            f"write-behind worker {consumer} stopped: {worker.acknowledged_total} entries acknowledged,"
+            f" {worker.persisted_total} new ledger rows"
+        )
 
     _run(body)
 

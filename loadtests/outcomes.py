@@ -38,6 +38,10 @@ class Outcomes:
     unexpected: Counter[str] = field(default_factory=Counter)  # "<request name>: <reason>" -> count
     journeys: Counter[str] = field(default_factory=Counter)  # finished journeys per user class
     holds: Counter[str] = field(default_factory=Counter)  # 201s per user class
+    # per base URL the users sent to (one per API replica), and per "<METHOD> <URL>": requests sent, and
+    # those answered (any status)
+    sent: Counter[str] = field(default_factory=Counter)
+    answered: Counter[str] = field(default_factory=Counter)
 
     # -- recording (the locustfile) ----------------------------------------------------------------
 
@@ -58,6 +62,13 @@ class Outcomes:
         if error is not None:
             self.unexpected[f"{name}: {_shorten(error)}"] += 1
 
+    def served(self, host: str, method: str, answered: bool) -> None:
+        """One request sent to `host` (counted under the host, and under "<METHOD> <host>")."""
+        for key in (host, f"{method} {host}"):
+            self.sent[key] += 1
+            if answered:
+                self.answered[key] += 1
+
     # -- files -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +82,8 @@ class Outcomes:
             "unexpected": dict(self.unexpected.most_common()),
             "journeys": dict(self.journeys),
             "holds": dict(self.holds),
+            "sent": dict(sorted(self.sent.items())),
+            "answered": dict(sorted(self.answered.items())),
         }
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -92,6 +105,8 @@ class Outcomes:
             unexpected=Counter(raw.get("unexpected", {})),
             journeys=Counter(raw.get("journeys", {})),
             holds=Counter(raw.get("holds", {})),
+            sent=Counter(raw.get("sent", {})),
+            answered=Counter(raw.get("answered", {})),
         )
 
     # -- reading (the audit) -----------------------------------------------------------------------

@@ -177,6 +177,9 @@ class Run:
     skus: list[str]
     results_dir: str  # the locustfile writes OUTCOMES_FILE and STATS_FILE here when the test stops
     tenant: str = "default"
+    # Several API replicas of one deployment: each user sends all its requests to one of these base URLs,
+    # taken in turn as users arrive (as a load balancer spreading connections would). Empty: Locust's --host.
+    hosts: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

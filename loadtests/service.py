@@ -62,11 +62,11 @@ def started_service(log_path: Path, workers: int = 2) -> Iterator[Service]:
         log = stack.enter_context(log_path.open("wb"))  # a file, not a pipe: an unread pipe blocks the server
         proc = subprocess.Popen([*cmd, "--workers", str(workers)], env=env, cwd=REPO, stdout=log, stderr=log)
         stack.callback(stop_process, proc, STOP_TIMEOUT_S)
-        _wait_ready(url, proc, log_path)
+        wait_ready(url, proc, log_path)
         yield Service(url, database_url, redis_url)
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:

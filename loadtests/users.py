@@ -113,8 +113,12 @@ class StockholdUser(FastHttpUser):
     network_timeout = 30.0
     connection_timeout = 30.0
     _numbers: ClassVar[dict[str, itertools.count[int]]] = {}
+    _arrivals: ClassVar[itertools.count[int]] = itertools.count()
 
     def __init__(self, environment: Any) -> None:
+        hosts = self.shared.run.hosts
+        if hosts:  # before FastHttpUser builds its client on self.host: this user's replica, in turn
+            self.host = hosts[next(self._arrivals) % len(hosts)]
         super().__init__(environment)
         self.number = next(self._numbers.setdefault(self.kind, itertools.count(1)))
 
@@ -167,8 +171,10 @@ class StockholdUser(FastHttpUser):
                         resp.failure(answer.error)
             except _StaleConnection:
                 self.shared.outcomes.response(name, "connection found closed, sent again", None)
+                self.shared.outcomes.served(str(self.host), method, answered=False)  # it may have reached it
                 continue
             self.shared.outcomes.response(name, answer.label, answer.error)
+            self.shared.outcomes.served(str(self.host), method, answered=answer.status != 0)
             return answer
         raise AssertionError("unreachable: the second attempt returns")
 

@@ -58,7 +58,8 @@ class WriteBehindWorker:
         self.count = batch  # what the next read of new entries asks for, per stream
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
-        self.persisted_total = 0
+        self.persisted_total = 0  # new ledger rows this consumer wrote
+        self.acknowledged_total = 0  # stream entries it persisted and acknowledged (read or taken over)
         # On a cluster: entries are persisted only once the replica has them too (app/store/cluster.py)
         self.wait_replicas = wait_replicas
         self._stream_shard = {keys.events(s): s for s in keys.all_shards()}
@@ -115,6 +116,7 @@ class WriteBehindWorker:
             for stream, ids in by_stream.items():
                 pipe.xack(stream, GROUP, *ids)
             await pipe.execute()
+        self.acknowledged_total += len(events)
         return len(events)
 
     async def trim(self) -> int:

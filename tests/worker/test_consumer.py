@@ -116,6 +116,7 @@ async def test_every_event_once_and_the_ledger_replays_to_redis(
     # then every event is in the ledger once, acknowledged, and the ledger replays to Redis's counters
     assert await ledger_rows(pg) == emitted
     assert w.persisted_total == emitted - written_through
+    assert w.acknowledged_total == emitted  # what it handled, written through or not
     assert await pending(redis, keys) == 0
     rows = await pg.fetch("SELECT sku, kind, quantity, on_hand_after FROM stock_movement ORDER BY occurred_at")
     replayed: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -158,6 +159,7 @@ async def test_a_crash_between_commit_and_ack_is_reclaimed_and_written_once(
     # then nothing was written twice, and nothing is left pending
     assert await pg.fetchval("SELECT count(*) FROM stock_movement") == emitted
     assert survivor.persisted_total == 0
+    assert (survivor.acknowledged_total, crashed.acknowledged_total) == (emitted, 0)
     assert await pending(redis, keys) == 0
 
 
@@ -182,6 +184,8 @@ async def test_two_workers_racing_write_every_event_once(
     # (the primary key makes a duplicate impossible; the count shows none was lost; the workers wrote
     # what confirm's write-through had not)
     assert 0 < first.persisted_total + second.persisted_total < emitted
+    # one consumer group: each entry was handed to one of them, and acknowledged by that one only
+    assert first.acknowledged_total + second.acknowledged_total == emitted
     assert await pending(redis, keys) == 0
 
 
