@@ -64,8 +64,9 @@ DEFAULT_CLAIM_IDLE_MS = 2_000  # a killed worker's entries are taken over within
 DRAIN_TIMEOUT_S = 60.0
 # `stockhold worker`'s last line (app/cli.py)
 STOPPED_LINE = re.compile(r"write-behind worker (\S+) stopped: (\d+) entries acknowledged, (\d+) new ledger rows")
-# uvicorn's access log line for a POST, as each replica writes it with STOCKHOLD_ACCESS_LOG=true
-ACCESS_POST = re.compile(r'"POST /\S* HTTP/[0-9.]+" \d{3}')
+# uvicorn's access log line for a POST, as each replica writes it with STOCKHOLD_ACCESS_LOG=true: as text, or
+# inside a JSON record (STOCKHOLD_LOG_FORMAT=json, the default), where its quotes are escaped
+ACCESS_POST = re.compile(r'\\?"POST /\S* HTTP/[0-9.]+\\?" \d{3}')
 
 
 @dataclass
