@@ -173,3 +173,20 @@ def sku_state_error(body: dict[str, Any], sku: str) -> str | None:
     if min(body["held"], body["sold"], body["available"]) < 0:
         return f"{sku} has a negative counter: {body!r:.160}"
     return None
+
+
+# Which fact of the `buyer` each eligibility rule reads (the service's app/stock/policy.py; repeated here so
+# a run against a given URL needs none of the service's code).
+RULE_FACTS = {
+    "min_account_age_days": "account_age_days",
+    "min_orders": "orders_count",
+    "min_member_days": "member_days",
+}
+
+
+def ineligible(rules: dict[str, int] | None, buyer: dict[str, int]) -> str | None:
+    """The first rule `buyer` fails, or None."""
+    for rule, minimum in (rules or {}).items():
+        if buyer.get(RULE_FACTS[rule], 0) < minimum:
+            return f"{rule} {minimum} with {RULE_FACTS[rule]} {buyer.get(RULE_FACTS[rule], 0)}"
+    return None

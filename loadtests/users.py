@@ -29,7 +29,7 @@ from locust import task
 from locust.contrib.fasthttp import FastHttpUser
 from locust.exception import StopUser
 
-from loadtests.checks import Answer, Expected, judge, reservation_error, sku_state_error
+from loadtests.checks import Answer, Expected, ineligible, judge, reservation_error, sku_state_error
 from loadtests.outcomes import Outcomes, Sale
 from loadtests.scenarios import Run, Scenario
 
@@ -58,23 +58,6 @@ def account_facts(new: bool) -> dict[str, int]:
         "orders_count": random.randint(1, 300),
         "member_days": random.randint(30, 2000),
     }
-
-
-# Which fact of the `buyer` each eligibility rule reads (the service's app/stock/policy.py; repeated here so
-# a run against a given URL needs none of the service's code).
-RULE_FACTS = {
-    "min_account_age_days": "account_age_days",
-    "min_orders": "orders_count",
-    "min_member_days": "member_days",
-}
-
-
-def ineligible(rules: dict[str, int] | None, buyer: dict[str, int]) -> str | None:
-    """The first rule `buyer` fails, or None."""
-    for rule, minimum in (rules or {}).items():
-        if buyer.get(RULE_FACTS[rule], 0) < minimum:
-            return f"{rule} {minimum} with {RULE_FACTS[rule]} {buyer.get(RULE_FACTS[rule], 0)}"
-    return None
 
 
 class _StaleConnection(Exception):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loadtests.checks import Expected, judge, reservation_error, sku_state_error
+from loadtests.checks import Expected, ineligible, judge, reservation_error, sku_state_error
 from loadtests.scenarios import SCENARIOS, Run, parse_setting, with_overrides
 
 PROBLEM = "application/problem+json"
@@ -80,8 +80,6 @@ def test_overrides_reach_nested_settings_and_survive_the_trip_to_locust() -> Non
 
 
 def test_an_account_is_ineligible_by_the_first_rule_it_fails() -> None:
-    from loadtests.users import ineligible
-
     rules = {"min_account_age_days": 30, "min_orders": 1}
     assert ineligible(rules, {"account_age_days": 30, "orders_count": 1, "member_days": 0}) is None
     assert (
