@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint docker-lint format bench bench-writebehind bench-cluster loadtest wrk clean help
+.PHONY: run test lint docker-lint format bench bench-writebehind bench-cluster bench-split loadtest wrk clean help
 
 help:
 	@echo "make run    serve on http://127.0.0.1:8000 (embedded Redis + PostgreSQL unless REDIS_URL / DATABASE_URL are set)"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench  reserve hot path side by side with a trivial FastAPI endpoint and PostgreSQL-only designs (~3 min, 127.0.0.1 only)"
 	@echo "make bench-writebehind  write-behind lag at 2,000/s and the worker's drain rate (~90 s)"
 	@echo "make bench-cluster  reserve throughput: one Redis vs a local six-node Redis Cluster, with and without WAIT (~1 min)"
+	@echo "make bench-split    one hot SKU on the local cluster: one bucket (K=1) vs split over three (K=3) (~1 min)"
 	@echo "make loadtest SCENARIO=last-bottle|flash-100|flash-100-eligibility|steady-checkout [URL=http://...]  Locust flash sale + audit"
 	@echo "           [REPLICAS=3 WORKERS=2 [KILL_WORKER=1]]  against separate serve and worker processes (loadtests/deployment.py)"
 
@@ -70,6 +71,9 @@ bench-writebehind: $(STAMP) wrk
 
 bench-cluster: $(STAMP)
 	$(BIN)/python -m bench.cluster
+
+bench-split: $(STAMP)
+	$(BIN)/python -m bench.split
 
 loadtest: $(STAMP)
 	$(BIN)/python -m loadtests $(or $(SCENARIO),last-bottle) $(if $(URL),--url $(URL)) \

@@ -1,6 +1,6 @@
 """Builds the FastAPI app. The lifespan opens Redis and PostgreSQL, applies migrations, loads the Lua
 scripts, rebuilds any shard that lost its data (recovery before serving), and starts the expiry sweeper,
-the readiness watch, the API key epoch refresh, the sold-out fast path's refresh (and, unless
+the readiness watch, the API key epoch refresh, the split map's refresh, the sold-out fast path's refresh (and, unless
 STOCKHOLD_WORKER_IN_PROCESS=false, the write-behind worker; unless STOCKHOLD_WEBHOOKS=false, the webhook
 dispatcher and sender); routes stay thin and translate domain errors to
 problem+json. The per-IP rate limit stands in front of everything under /v1 (app/api/client_limits.py), the
@@ -31,12 +31,14 @@ from app.config import Settings, get_settings
 from app.recovery.rebuild import Rebuilder
 from app.recovery.watch import ReadinessWatch
 from app.runtime import freeze_startup_heap
+from app.stock.buckets import SplitMap
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
 from app.stock.listings import ListingCatalogue
 from app.stock.rate_limits import RateLimiter, bucket
 from app.stock.service import StockService
 from app.stock.sold_out import SoldOutBook
+from app.stock.splitting import Splitter
 from app.stock.sweeper import ExpirySweeper
 from app.store.postgres import apply_migrations, create_pool
 from app.store.redis import connect_redis
@@ -52,7 +54,7 @@ log = logging.getLogger("stockhold")
 # 2 workers: p99 25 ms at 500, 17.5 ms at 100, throughput 6,850 -> 7,200/s). When it falls behind it
 # reads up to 4x as many per step (WriteBehindWorker.max_batch) until it has caught up.
 IN_PROCESS_WORKER_BATCH = 100
-BACKGROUND_POOL_SIZE = 4  # the sold-out refresh holds one in XREAD BLOCK; the key epoch refresh one more
+BACKGROUND_POOL_SIZE = 4  # the sold-out refresh holds one in XREAD BLOCK; the key epoch and split map one more
 
 
 @asynccontextmanager
@@ -83,6 +85,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         refresh_ms = settings.sold_out_refresh_ms
         hit = telemetry.sold_out_hits.inc
         sold_out = SoldOutBook(background, keys, refresh_ms, on_hit=hit) if refresh_ms else None
+        splits = SplitMap(background, pg, keys)
+        await splits.load()  # before serving: a split SKU's reservations are routed over its buckets from the start
         app.state.service = StockService(
             redis,
             scripts,
@@ -91,7 +95,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
             sold_out=sold_out,
             listings=ListingCatalogue(redis, pg, keys),
+            splits=splits,
         )
+        app.state.service.splitter = Splitter(app.state.service, pg, splits, settings.idempotency_ttl_seconds)
         app.state.listings = app.state.service.listings
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.rate_limiter = RateLimiter(
@@ -111,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             asyncio.create_task(sweeper.run(stop), name="expiry-sweeper"),
             asyncio.create_task(watch.run(stop), name="readiness-watch"),
             asyncio.create_task(authenticator.run(stop), name="api-key-epoch"),
+            asyncio.create_task(splits.run(stop), name="split-map"),
         ]
         app.state.sweeper_task = tasks[0]
         if sold_out is not None:

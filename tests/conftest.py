@@ -41,6 +41,8 @@ STATE_TABLES = (
     "worker_progress",
     "listing",
     "sku_channel",
+    "sku_split",
+    "bucket_move",
 )
 
 

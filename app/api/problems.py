@@ -34,6 +34,7 @@ STATUS_BY_ERROR: dict[type[errors.StockError], int] = {
     errors.RateLimited: 429,
     errors.StockConflict: 409,
     errors.TooManyChannels: 409,
+    errors.SplitConflict: 409,
     errors.ReservationReleased: 409,
     errors.ReservationConfirmed: 409,
     # The IETF Idempotency-Key draft: a key reused with another payload is 422.

@@ -95,6 +95,14 @@ class TooManyChannels(StockError):
     title = "Too many channels"
 
 
+class SplitConflict(StockError):
+    """A split SKU (app/stock/buckets.py) and a feature that needs its stock in one place (a per-user
+    limit, a presale, channels), or a split the deployment cannot place (more buckets than shards)."""
+
+    code = "split_conflict"
+    title = "Split conflict"
+
+
 class ListingNotFound(StockError):
     code = "listing_not_found"
     title = "Listing not found"

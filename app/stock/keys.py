@@ -21,6 +21,7 @@ Layout (``s`` = shard number)::
     sh:{s}:events                 STREAM every stock change, XADDed by the script that made it
     sh:{s}:idem:<tenant>:<digest> HASH  an Idempotency-Key's fingerprint and first answer
     sh:{s}:lease:<reservation_id> STRING who is operating on a reservation spanning shards (on its home shard)
+    sh:{s}:splitlock:<tenant>:<sku> STRING who is changing a split SKU's buckets (app/stock/splitting.py)
     rl:{<kind>:<subject>}         HASH  a rate limit's token bucket (kind user or ip): not a shard's key, each
                                         bucket is its own hash slot (app/stock/rate_limits.py)
     sh:{s}:ready                  STRING the shard was rebuilt from PostgreSQL (when, JSON); stock scripts refuse
@@ -33,6 +34,11 @@ Not per shard (one hash tag of their own, so each is one slot on a cluster too):
                                          process drops its key cache when it sees it change (app/auth/)
     sh:{auth}:acks                HASH   API process id -> "<epoch it has applied>:<Redis time in ms>";
                                          `keys revoke` waits on it until every live process dropped the key
+    sh:{split}:version            STRING bumped (INCR) whenever a SKU is split or unsplit: each API process
+                                         reloads its split map from PostgreSQL when it sees it move
+
+A split SKU's bucket i > 0 is the SKU "<sku>~<i>" with keys of its own like any SKU's, on the shard i after
+the SKU's (shard_of): K buckets on K different shards, so on a cluster on different slots (and nodes).
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from dataclasses import dataclass
 
 PREFIX = "sh"
 AUTH_TAG = "auth"  # the hash tag of the API keys' epoch and acknowledgements: never a shard number
+SPLIT_TAG = "split"  # the hash tag of the split SKUs' version (app/stock/buckets.py)
+# A split SKU's bucket i > 0 is the internal SKU "<sku>~<i>" (app/stock/buckets.py); "~" is outside the
+# API's SKU alphabet, so no client SKU is ever mistaken for a bucket.
+BUCKET_SEPARATOR = "~"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,9 @@ class KeySpace:
     shard_count: int
 
     def shard_of(self, tenant: str, sku: str) -> int:
+        base, sep, index = sku.partition(BUCKET_SEPARATOR)
+        if sep:  # bucket i of a split SKU: i shards after the SKU's own, so K <= shard_count never collide
+            return (zlib.crc32(f"{tenant}:{base}".encode()) + int(index)) % self.shard_count
         return zlib.crc32(f"{tenant}:{sku}".encode()) % self.shard_count
 
     def shard_of_idempotency(self, tenant: str, scope: str, key: str) -> int:
@@ -97,6 +110,9 @@ class KeySpace:
     def rate_bucket(kind: str, subject: str) -> str:
         return f"rl:{{{kind}:{subject}}}"
 
+    def split_lock(self, shard: int, tenant: str, sku: str) -> str:
+        return f"{self._tag(shard)}:splitlock:{tenant}:{sku}"
+
     def lease(self, shard: int, reservation_id: str) -> str:
         return f"{self._tag(shard)}:lease:{reservation_id}"
 
@@ -113,6 +129,10 @@ class KeySpace:
     @staticmethod
     def auth_acks() -> str:
         return f"{PREFIX}:{{{AUTH_TAG}}}:acks"
+
+    @staticmethod
+    def split_version() -> str:
+        return f"{PREFIX}:{{{SPLIT_TAG}}}:version"
 
     def shard_pattern(self, shard: int) -> str:
         """A SCAN pattern for every key of one shard (braces are literal in Redis glob patterns)."""

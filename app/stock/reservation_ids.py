@@ -40,3 +40,11 @@ def home_shard_of(reservation_id: str, shard_count: int) -> int | None:
         return None
     shard = int(match.group(1))
     return shard if shard < shard_count else None
+
+
+def with_home(reservation_id: str, home_shard: int) -> str:
+    """The same id's random part with another home shard. A reservation on a split SKU is reserved on the
+    bucket it ends up in; each bucket it may try gives the id that bucket's shard as home, so the ids one
+    request may have used are known in advance (a retry looks for them all: app/stock/service.py)."""
+    token = reservation_id.rpartition("_")[2]
+    return f"rsv_{home_shard}_{token}"

@@ -90,6 +90,29 @@ class Adjustment(_Strict):
         return value
 
 
+class SplitSettings(_Strict):
+    """PUT /v1/skus/{sku}/split: how many buckets the SKU's stock is spread over (1: not split)."""
+
+    buckets: int = Field(ge=1, le=16)
+
+
+class BucketState(BaseModel):
+    """One bucket of a split SKU (app/stock/buckets.py)."""
+
+    bucket: int
+    shard: int
+    on_hand: int
+    held: int
+    sold: int
+    available: int
+    routed: bool  # reservations are sent to it; a bucket past a lowered split is only drained
+
+
+class SplitState(BaseModel):
+    buckets: int  # reservations are routed over buckets 0..buckets-1
+    per_bucket: list[BucketState]
+
+
 class Receipt(_Strict):
     """POST /v1/skus/{sku}/receipts: goods that arrived, booked into on_hand and filling backorders."""
 
@@ -180,6 +203,8 @@ class SkuState(BaseModel):
     channel: str | None = None
     available_total: int = 0
     channels: list[ChannelState] = []
+    # a split SKU's stock spread over buckets on several shards: the figures above are their sums
+    split: SplitState | None = None
 
 
 class ReceiptState(SkuState):

@@ -21,13 +21,14 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
+from app.stock.buckets import Split, SplitMap, bucket_order, bucket_sku, is_bucket, parent_sku
 from app.stock.channels import MAX_CHANNELS, ChannelSettings, channel_states
 from app.stock.clock import now_ms
 from app.stock.errors import (
@@ -44,6 +45,7 @@ from app.stock.errors import (
     ReservationReleased,
     ScriptCode,
     SkuNotFound,
+    SplitConflict,
     StockConflict,
     StockError,
     TooManyChannels,
@@ -54,7 +56,7 @@ from app.stock.keys import KeySpace
 from app.stock.listings import ListingCatalogue
 from app.stock.policy import ELIGIBILITY_RULES, NO_BUYER_ARGS, POLICY_FIELDS, policy_from_flat
 from app.stock.presale import NO_PRESALE_ARGS, PRESALE_FIELDS, presale_free, presale_state
-from app.stock.reservation_ids import home_shard_of, new_reservation_id
+from app.stock.reservation_ids import home_shard_of, new_reservation_id, with_home
 from app.stock.schemas import (
     Adjustment,
     Mode,
@@ -72,6 +74,9 @@ from app.stock.schemas import (
 )
 from app.stock.sold_out import SoldOutBook
 from app.store.scripts import Scripts
+
+if TYPE_CHECKING:
+    from app.stock.splitting import Splitter
 
 # A lease outlives any sane multi-shard operation (a few script calls, milliseconds) yet frees a
 # reservation soon after a crashed holder; a second caller waits up to LEASE_WAIT_SECONDS for it.
@@ -141,6 +146,7 @@ class StockService:
         idempotency_ttl_seconds: int,
         sold_out: SoldOutBook | None = None,
         listings: ListingCatalogue | None = None,
+        splits: SplitMap | None = None,
     ) -> None:
         self.redis = redis
         self.scripts = scripts
@@ -149,6 +155,14 @@ class StockService:
         self._idem_ttl = idempotency_ttl_seconds
         self.sold_out = sold_out  # None: every reservation goes to Redis
         self.listings = listings  # None: reservations name SKUs only
+        self.splits = splits  # None: no SKU is split (app/stock/buckets.py)
+        self.splitter: Splitter | None = None  # set with splits: catalogue calls on split SKUs
+
+    def split_of(self, tenant: str, sku: str) -> Split | None:
+        """The SKU's split as this process knows it, None when it is not split."""
+        if self.splits is None or self.splitter is None:
+            return None
+        return self.splits.get(tenant, sku)
 
     # -- catalogue ------------------------------------------------------------------------------------
 
@@ -156,7 +170,15 @@ class StockService:
         self, tenant: str, sku: str, settings: SkuSettings, idem: IdempotencyRequest | None = None
     ) -> tuple[SkuState, bool]:
         """Creates or updates a SKU; atomic with its event and its idempotency record (set_sku-4.lua).
-        Returns the state and whether the SKU was created."""
+        Returns the state and whether the SKU was created. A split SKU's PUT is the splitter's."""
+        if (split := self.split_of(tenant, sku)) is not None and self.splitter is not None:
+            return await self.splitter.put_sku(tenant, sku, split, settings, idem), False
+        return await self.put_bucket(tenant, sku, settings, idem)
+
+    async def put_bucket(
+        self, tenant: str, sku: str, settings: SkuSettings, idem: IdempotencyRequest | None = None
+    ) -> tuple[SkuState, bool]:
+        """put_sku on one SKU as the engine stores it (a SKU that is not split, or one bucket of a split one)."""
         shard = self.keys.shard_of(tenant, sku)
         reply = await self.scripts.call(
             "set_sku",
@@ -189,7 +211,16 @@ class StockService:
     async def adjust(
         self, tenant: str, sku: str, adjustment: Adjustment, idem: IdempotencyRequest | None = None
     ) -> SkuState:
-        """Restocks or shrinks on_hand by a delta; atomic with its event (adjust_stock-4.lua)."""
+        """Restocks or shrinks on_hand by a delta; atomic with its event (adjust_stock-4.lua). On a split
+        SKU, the splitter makes it on bucket 0 and rebalances."""
+        if (split := self.split_of(tenant, sku)) is not None and self.splitter is not None:
+            return await self.splitter.adjust(tenant, sku, split, adjustment, idem)
+        return await self.adjust_bucket(tenant, sku, adjustment, idem)
+
+    async def adjust_bucket(
+        self, tenant: str, sku: str, adjustment: Adjustment, idem: IdempotencyRequest | None = None
+    ) -> SkuState:
+        """adjust on one SKU as the engine stores it (one bucket of a split SKU)."""
         shard = self.keys.shard_of(tenant, sku)
         reply = await self.scripts.call(
             "adjust_stock",
@@ -219,7 +250,16 @@ class StockService:
         """Goods arrived: books them into on_hand and fills the SKU's backorders with them, oldest first,
         in one receive_stock.lua call (atomic with its events and its idempotency record). The call names
         the parts at the head of the backorder queue, read just before; should the queue have changed
-        in between, the script changes nothing and the receipt reads it again."""
+        in between, the script changes nothing and the receipt reads it again. On a split SKU (no
+        presale, so no backorders) it is a restock of bucket 0, then a rebalance."""
+        if (split := self.split_of(tenant, sku)) is not None and self.splitter is not None:
+            return await self.splitter.receive(tenant, sku, split, receipt, idem)
+        return await self.receive_bucket(tenant, sku, receipt, idem)
+
+    async def receive_bucket(
+        self, tenant: str, sku: str, receipt: Receipt, idem: IdempotencyRequest | None = None
+    ) -> ReceiptState:
+        """receive on one SKU as the engine stores it."""
         shard = self.keys.shard_of(tenant, sku)
         sku_key, queue = self.keys.sku(shard, tenant, sku), self.keys.backorder_queue(shard, tenant, sku)
         for _ in range(RECEIPT_ATTEMPTS):
@@ -288,6 +328,8 @@ class StockService:
     ) -> tuple[SkuState, bool]:
         """Creates or updates one sales channel of a SKU (set_channel-5.lua, atomic with its event and its
         idempotency record). Returns the SKU's state as that channel sees it, and whether it was created."""
+        if self.split_of(tenant, sku) is not None:
+            raise SplitConflict(f"SKU {sku!r} is split over buckets; channel quotas need its stock in one place")
         shard = self.keys.shard_of(tenant, sku)
         reply = await self.scripts.call(
             "set_channel",
@@ -330,7 +372,14 @@ class StockService:
         return _sku_state(sku, values, {str(f): str(v) for f, v in channels.items()})
 
     async def get_sku(self, tenant: str, sku: str, channel: str | None = None) -> SkuState:
-        """The SKU's state; `available` is what a reservation naming `channel` (None: no channel) may take."""
+        """The SKU's state; `available` is what a reservation naming `channel` (None: no channel) may take.
+        A split SKU's is the sum of its buckets'."""
+        if (split := self.split_of(tenant, sku)) is not None and self.splitter is not None:
+            return await self.splitter.state(tenant, sku, split, channel)
+        return await self.get_bucket(tenant, sku, channel)
+
+    async def get_bucket(self, tenant: str, sku: str, channel: str | None = None) -> SkuState:
+        """get_sku of one SKU as the engine stores it (one bucket of a split SKU)."""
         shard = self.keys.shard_of(tenant, sku)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.ready(shard))
@@ -366,8 +415,21 @@ class StockService:
     def refuse_known_sold_out(self, tenant: str, request: ReservationRequest) -> None:
         """The sold-out fast path (app/stock/sold_out.py): raises InsufficientStock, with no Redis round
         trip, when this process knows a SKU of the request has nothing left."""
-        if self.sold_out is not None and (refusal := self.sold_out.refusal(tenant, request.items)):
+        if self.sold_out is None:
+            return
+        items = request.items
+        if self.splits is not None and self.splits.has_tenant(tenant):
+            # a split SKU is sold out only when every bucket it is routed over is (bucket 0 is its own name)
+            items = [item for item in items if self._known_sold_out(tenant, item)]
+        if refusal := self.sold_out.refusal(tenant, items):
             raise refusal
+
+    def _known_sold_out(self, tenant: str, item: ReservationItem) -> bool:
+        assert self.sold_out is not None
+        split = self.split_of(tenant, item.sku)
+        if split is None or split.buckets <= 1:
+            return (tenant, item.sku) in self.sold_out
+        return all((tenant, bucket_sku(item.sku, i)) in self.sold_out for i in range(split.buckets))
 
     async def reserve(
         self, tenant: str, request: ReservationRequest, reservation_id: str | None = None, retry: bool = False
@@ -380,6 +442,20 @@ class StockService:
         """
         if request.listings:  # the API expands them before its checks; a direct caller may not have
             request = await self.expand_listings(tenant, request)
+        if self.splits is not None and self.splits.has_tenant(tenant):
+            routed = {
+                i: split
+                for i, item in enumerate(request.items)
+                if (split := self.split_of(tenant, item.sku)) is not None and split.buckets > 1
+            }
+            if routed:
+                rid = reservation_id or self.new_reservation_id(tenant, request)
+                return await self._reserve_split(tenant, request, routed, rid, retry)
+        return await self._reserve_items(tenant, request, reservation_id, retry)
+
+    async def _reserve_items(
+        self, tenant: str, request: ReservationRequest, reservation_id: str | None, retry: bool
+    ) -> Reservation:
         now = now_ms()
         parts = self._group(tenant, request.items)
         rid = reservation_id or self.new_reservation_id(tenant, request)
@@ -396,6 +472,125 @@ class StockService:
             if not shared:
                 shared = str(await self._shared_deadline(tenant, request.items, now))
             return await self._reserve_parts(tenant, request, rid, parts, shared, now)
+
+    async def _reserve_split(
+        self, tenant: str, request: ReservationRequest, routed: dict[int, Split], rid: str, retry: bool
+    ) -> Reservation:
+        """Reserves a request naming split SKUs (app/stock/buckets.py): each such line asks its user's
+        bucket first, then the next ones; a line no single bucket can cover is spread over the buckets
+        that together can. Each try is an ordinary all-or-nothing reservation of bucket lines, under the
+        id's token with its first line's shard as home, so every id a request may have used is known: a
+        retry finds the one an earlier attempt left and goes on with it instead of holding twice."""
+        if retry and (earlier := await self._earlier_split_attempt(tenant, request, routed, rid)) is not None:
+            return _for_client(await self._reserve_items(tenant, earlier, self._home_id(tenant, earlier, rid), True))
+        orders = {i: bucket_order(request.user_id, split.buckets) for i, split in routed.items()}
+        tried = dict.fromkeys(routed, 0)  # line -> how many of its buckets were tried
+        while True:
+            choice: dict[int, int] = {}
+            for i in routed:
+                sku = request.items[i].sku
+                while tried[i] < len(orders[i]) and self._bucket_known_empty(tenant, sku, orders[i][tried[i]]):
+                    tried[i] += 1  # the sold-out fast path, per bucket: no round trip for a bucket known empty
+                if tried[i] == len(orders[i]):
+                    return await self._reserve_spread(tenant, request, routed, rid)
+                choice[i] = orders[i][tried[i]]
+            items = [
+                ReservationItem.model_construct(sku=bucket_sku(item.sku, choice[i]), quantity=item.quantity)
+                if i in choice
+                else item
+                for i, item in enumerate(request.items)
+            ]
+            attempt = request.model_copy(update={"items": items})
+            try:
+                reservation = await self._reserve_items(tenant, attempt, self._home_id(tenant, attempt, rid), False)
+                return _for_client(reservation)
+            except InsufficientStock as exc:
+                short = set(exc.totals)  # the engine's names: buckets
+                moved = False
+                for i in routed:
+                    if items[i].sku in short:
+                        tried[i] += 1
+                        moved = True
+                if not moved:  # a line that is not split is short: no other bucket helps
+                    raise
+
+    async def _reserve_spread(
+        self, tenant: str, request: ReservationRequest, routed: dict[int, Split], rid: str
+    ) -> Reservation:
+        """The last try: every split line spread over its buckets by what each has free now, largest first.
+        Refused (409 insufficient_stock naming the SKU and the total free over its buckets) when they do
+        not have enough together, or when the reservation races others and loses."""
+        names = {i: [bucket_sku(request.items[i].sku, b) for b in range(split.buckets)] for i, split in routed.items()}
+        free = await self._free_units(tenant, [name for group in names.values() for name in group])
+        items: list[ReservationItem] = []
+        short: list[dict[str, Any]] = []
+        for i, item in enumerate(request.items):
+            if i not in routed:
+                items.append(item)
+                continue
+            left = item.quantity
+            for name in sorted(names[i], key=lambda n: -free[n]):
+                take = min(left, free[name])
+                if take > 0:
+                    items.append(ReservationItem.model_construct(sku=name, quantity=take))
+                    left -= take
+            if left > 0:
+                short.append({"sku": item.sku, "requested": item.quantity, "available": item.quantity - left})
+        if short:
+            if self.sold_out is not None:
+                for i in routed:
+                    for name in names[i]:
+                        self.sold_out.learn(tenant, name, free[name])
+            text = ", ".join(f"{s['sku']} ({s['available']} available, {s['requested']} requested)" for s in short)
+            raise InsufficientStock(f"not enough stock for {text}", totals={}, items=short)
+        attempt = request.model_copy(update={"items": items})
+        try:
+            reservation = await self._reserve_items(tenant, attempt, self._home_id(tenant, attempt, rid), False)
+            return _for_client(reservation)
+        except InsufficientStock:
+            # lost a race for the units just read: tell the client what its SKUs have now
+            free = await self._free_units(tenant, [name for group in names.values() for name in group])
+            short = [
+                {"sku": item.sku, "requested": item.quantity, "available": sum(free[n] for n in names[i])}
+                for i, item in enumerate(request.items)
+                if i in routed
+            ]
+            text = ", ".join(f"{s['sku']} ({s['available']} available, {s['requested']} requested)" for s in short)
+            raise InsufficientStock(f"not enough stock for {text}", totals={}, items=short) from None
+
+    async def _free_units(self, tenant: str, names: list[str]) -> dict[str, int]:
+        """What a hold may take from each of these SKUs now (one pipelined read)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, name), tenant, name), SKU_STATE_FIELDS)
+            rows = await pipe.execute()
+        found = zip(names, rows, strict=True)
+        return {name: 0 if row[0] is None else _sku_state(name, row).available_total for name, row in found}
+
+    def _bucket_known_empty(self, tenant: str, sku: str, bucket: int) -> bool:
+        return self.sold_out is not None and (tenant, bucket_sku(sku, bucket)) in self.sold_out
+
+    def _home_id(self, tenant: str, request: ReservationRequest, rid: str) -> str:
+        return with_home(rid, self.keys.shard_of(tenant, request.items[0].sku))
+
+    async def _earlier_split_attempt(
+        self, tenant: str, request: ReservationRequest, routed: dict[int, Split], rid: str
+    ) -> ReservationRequest | None:
+        """The bucket lines an earlier attempt of this request held under one of its ids, if any."""
+        first = request.items[0].sku
+        split = routed.get(0)
+        homes = {self.keys.shard_of(tenant, bucket_sku(first, b)) for b in range(split.buckets if split else 1)}
+        candidates = [with_home(rid, home) for home in sorted(homes)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for candidate, home in zip(candidates, sorted(homes), strict=True):
+                pipe.hget(self.keys.reservation(home, candidate), "doc")
+            docs = await pipe.execute()
+        for doc in docs:
+            if doc is not None:
+                data = orjson.loads(doc)
+                items = [ReservationItem.model_construct(sku=i["sku"], quantity=i["quantity"]) for i in data["items"]]
+                return request.model_copy(update={"items": items})
+        return None
 
     async def _reserve_parts(
         self, tenant: str, request: ReservationRequest, rid: str, parts: list[_Part], shared: str, now: int
@@ -668,7 +863,8 @@ class StockService:
         if st is None or doc is None or owner != tenant:
             raise ReservationNotFound(f"reservation {reservation_id!r} does not exist")
         data = orjson.loads(doc)
-        items = [ReservationItem(**item) for item in data["items"]]
+        # stored by this service, so valid; a split SKU's lines name its buckets, outside the API's alphabet
+        items = [ReservationItem.model_construct(sku=i["sku"], quantity=i["quantity"]) for i in data["items"]]
         parts = self._group(tenant, items)
         statuses = [str(st)]
         if len(parts) > 1:
@@ -738,7 +934,25 @@ def _line(item: ReservationItem, backordered: int, eta_ms: int) -> ReservationLi
     return ReservationLine(sku=item.sku, quantity=item.quantity, backorder=True, backordered=backordered, eta=eta)
 
 
+def _for_client(reservation: Reservation) -> Reservation:
+    """A reservation with its bucket lines shown as the split SKUs' lines (one per SKU, quantities summed)."""
+    if not any(is_bucket(line.sku) for line in reservation.items):
+        return reservation
+    merged: dict[str, ReservationLine] = {}
+    for line in reservation.items:
+        name = parent_sku(line.sku)
+        if name in merged:
+            merged[name].quantity += line.quantity
+        else:
+            merged[name] = line.model_copy(update={"sku": name})
+    return reservation.model_copy(update={"items": list(merged.values())})
+
+
 def _to_reservation(loaded: _Loaded, statuses: Sequence[str] | None = None) -> Reservation:
+    return _for_client(_reservation_of(loaded, statuses))
+
+
+def _reservation_of(loaded: _Loaded, statuses: Sequence[str] | None = None) -> Reservation:
     return Reservation(
         id=loaded.reservation_id,
         status=combine_statuses(statuses or loaded.statuses),
@@ -756,8 +970,12 @@ def _script_error(
     """The one place a script's negative reply becomes a domain error; line numbers become SKU names."""
 
     def item(line: Any) -> ReservationItem:
+        """The line as the client named it: a split SKU's bucket answers under the SKU's name."""
         assert part is not None
-        return part.lines[int(line) - 1][1]
+        engine = part.lines[int(line) - 1][1]
+        if not is_bucket(engine.sku):
+            return engine
+        return ReservationItem.model_construct(sku=parent_sku(engine.sku), quantity=engine.quantity)
 
     if code == ScriptCode.NOT_READY:
         return NotReady.for_shard(part.shard if part is not None else shard)
@@ -772,7 +990,8 @@ def _script_error(
             {"sku": item(reply[i]).sku, "requested": item(reply[i]).quantity, "available": int(reply[i + 1])}
             for i in triples
         ]
-        totals = {item(reply[i]).sku: int(reply[i + 2]) for i in triples}
+        assert part is not None
+        totals = {part.lines[int(reply[i]) - 1][1].sku: int(reply[i + 2]) for i in triples}  # the engine's names
         names = ", ".join(f"{s['sku']} ({s['available']} available, {s['requested']} requested)" for s in short)
         return InsufficientStock(f"not enough stock for {names}", totals=totals, items=short)
     if code == ScriptCode.LIMIT_EXCEEDED:

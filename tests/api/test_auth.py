@@ -114,6 +114,15 @@ async def receive(w: World, owner: str, headers: dict[str, str]) -> httpx.Respon
     return await w.client.post(f"/v1/skus/{SKU[owner]}/receipts", json={"quantity": 2}, headers=headers)
 
 
+async def put_split(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    # one bucket: the call's whole path (tenant, scope, the SKU's existence) without leaving a split behind
+    return await w.client.put(f"/v1/skus/{SKU[owner]}/split", json={"buckets": 1}, headers=headers)
+
+
+async def rebalance(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    return await w.client.post(f"/v1/skus/{SKU[owner]}/rebalance", headers=headers)
+
+
 async def get_sku(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
     return await w.client.get(f"/v1/skus/{SKU[owner]}", headers=headers)
 
@@ -179,6 +188,9 @@ ENDPOINTS = {
     "POST /v1/skus/{sku}/adjustments": Endpoint(adjust, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
     "POST /v1/skus/{sku}/receipts": Endpoint(receive, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
     "PUT /v1/skus/{sku}/channels/{channel}": Endpoint(put_channel, frozenset({Scope.ADMIN}), 201, "sku_not_found"),
+    "PUT /v1/skus/{sku}/split": Endpoint(put_split, frozenset({Scope.ADMIN}), 200, "sku_not_found"),
+    # on A's own SKU, which is not split: the domain's refusal, reached with A's tenant
+    "POST /v1/skus/{sku}/rebalance": Endpoint(rebalance, frozenset({Scope.ADMIN}), 409, "sku_not_found"),
     "GET /v1/skus/{sku}": Endpoint(get_sku, READ_SCOPES, 200, "sku_not_found"),
     "PUT /v1/listings/{listing}": Endpoint(put_listing, frozenset({Scope.ADMIN}), 200, None, listing_created_as_own),
     "GET /v1/listings/{listing}": Endpoint(get_listing, READ_SCOPES, 200, "listing_not_found"),
@@ -326,8 +338,9 @@ async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_rout
         "description": doc["components"]["securitySchemes"]["ApiKey"]["description"],
     }
     v1 = [(path, op) for path, ops in doc["paths"].items() if path.startswith("/v1/") for op in ops.values()]
-    # skus: put, adjust, receive, put channel, get; listings: put, get; reservations: 4; webhooks: 6, alerts: 2
-    assert len(v1) == 11 + 8
+    # skus: put, adjust, receive, put channel, split, rebalance, get; listings: put, get; reservations: 4;
+    # webhooks: 6, alerts: 2
+    assert len(v1) == 13 + 8
     for path, op in v1:
         assert op.get("security") == [{"ApiKey": []}], path
         assert {"401", "403"} <= op["responses"].keys(), path

@@ -12,7 +12,7 @@ from app.api.deps import CatalogueTenant, IdempotencyKeyHeader, ReaderTenant, Se
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
 from app.stock.channels import CHANNEL_PATTERN, ChannelSettings
 from app.stock.idempotency import IdempotencyRequest, fingerprint
-from app.stock.schemas import SKU_PATTERN, Adjustment, Receipt, ReceiptState, SkuSettings, SkuState
+from app.stock.schemas import SKU_PATTERN, Adjustment, Receipt, ReceiptState, SkuSettings, SkuState, SplitSettings
 
 router = APIRouter(prefix="/v1/skus", tags=["catalogue"], responses=AUTH_RESPONSES)
 SkuPath = Annotated[str, Path(pattern=SKU_PATTERN, description="SKU id: 1-64 of A-Z a-z 0-9 . _ -")]
@@ -132,3 +132,33 @@ async def put_channel(
 )
 async def get_sku(sku: SkuPath, service: ServiceDep, tenant: ReaderTenant, channel: ChannelQuery = None) -> Response:
     return json_response(await service.get_sku(tenant, sku, channel))
+
+
+@router.put(
+    "/{sku}/split",
+    response_model=SkuState,
+    summary="Split a hot SKU's stock over buckets on different shards (1: gather it back into one)",
+    responses={
+        404: problem_schema("sku_not_found"),
+        409: problem_schema("split_conflict: a per-user limit, presale or channels; more buckets than shards"),
+        422: problem_schema("validation_error"),
+    },
+)
+async def put_split(sku: SkuPath, body: SplitSettings, service: ServiceDep, tenant: CatalogueTenant) -> Response:
+    """Idempotent by nature: the same body twice leaves the same split (and evens the buckets out again)."""
+    assert service.splitter is not None
+    return json_response(await service.splitter.put_split(tenant, sku, body.buckets))
+
+
+@router.post(
+    "/{sku}/rebalance",
+    response_model=SkuState,
+    summary="Even out a split SKU's free units over its buckets",
+    responses={
+        404: problem_schema("sku_not_found"),
+        409: problem_schema("split_conflict: the SKU is not split"),
+    },
+)
+async def rebalance(sku: SkuPath, service: ServiceDep, tenant: CatalogueTenant) -> Response:
+    assert service.splitter is not None
+    return json_response(await service.splitter.rebalance(tenant, sku))
