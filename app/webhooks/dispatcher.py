@@ -28,14 +28,23 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from app.stock.buckets import bucket_sku, parent_sku
+from app.stock.clock import now_ms
 from app.stock.events import StreamEvent, parse_entries
 from app.stock.keys import KeySpace
+from app.stock.schemas import available_units
+from app.stock.sold_out import COUNTERS
 from app.store.cluster import read_group
 from app.webhooks.rules import WebhookEvent, low_stock_candidate, webhook_events
 
 log = logging.getLogger(__name__)
 
 GROUP = "webhooks"
+
+SPLITS = """
+SELECT s.tenant, s.sku, s.highest
+FROM sku_split s JOIN unnest($1::text[], $2::text[]) AS x(tenant, sku) ON s.tenant = x.tenant AND s.sku = x.sku
+"""
 
 THRESHOLDS = """
 SELECT a.tenant, a.sku, a.low_stock_threshold
@@ -166,6 +175,7 @@ class WebhookDispatcher:
         return len(events)
 
     async def _webhook_events(self, events: list[StreamEvent]) -> list[tuple[WebhookEvent, int, str]]:
+        events = await self._as_split_totals(events)
         wanted = {(e.fields.get("tenant", ""), e.fields.get("sku", "")) for e in events if low_stock_candidate(e)}
         thresholds: dict[tuple[str, str], int] = {}
         if wanted:
@@ -177,6 +187,64 @@ class WebhookDispatcher:
             for e in events
             for caused in webhook_events(e, thresholds.get((e.fields.get("tenant", ""), e.fields.get("sku", ""))))
         ]
+
+    async def _as_split_totals(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        """A split SKU's stock alerts are about the SKU, not one of its buckets (app/stock/buckets.py): an
+        event that changed a bucket's availability is seen as a change of the SKU's total, so a bucket running
+        dry while the others have stock is no `sold_out`, and the alerts name the SKU. The total is read once
+        per batch, after the batch's changes, and walked back through them in the order they happened (by
+        stream time), so a batch in which every bucket ran dry reports one `sold_out`. Changes made after the
+        batch and not read yet are in that total too: they may shift a boundary to the next batch."""
+        moved = [e for e in events if _availability(e) is not None]
+        if not moved:
+            return events
+        names = {(e.fields.get("tenant", ""), parent_sku(e.fields.get("sku", ""))) for e in moved}
+        tenants, skus = zip(*names, strict=True)
+        rows = await self.pg.fetch(SPLITS, list(tenants), list(skus))
+        splits = {(r["tenant"], r["sku"]): r["highest"] for r in rows if r["highest"] > 1}
+        if not splits:
+            return events
+        buckets = {key: [(key[0], bucket_sku(key[1], b)) for b in range(highest)] for key, highest in splits.items()}
+        every = [name for names_ in buckets.values() for name in names_]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant, name in every:
+                pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, name), tenant, name), COUNTERS)
+            read = await pipe.execute()
+        now = now_ms()
+        counters = {key: [int(v or 0) for v in row] for key, row in zip(every, read, strict=True)}
+        total_now = {
+            key: sum(
+                available_units(on_hand, safety, held, sold, bo, cap, ends, now)
+                for on_hand, safety, held, sold, bo, cap, ends in (counters[n] for n in names_)
+            )
+            for key, names_ in buckets.items()
+        }
+        ours = sorted(
+            (e for e in moved if (e.fields.get("tenant", ""), parent_sku(e.fields.get("sku", ""))) in splits),
+            key=lambda e: e.position,
+        )
+        running = dict(total_now)
+        for event in ours:
+            before, after = _availability(event) or (0, 0)
+            running[_split_key(event)] -= after - before  # the total before this batch's changes
+        rewritten: dict[tuple[int, str], StreamEvent] = {}
+        for event in ours:
+            key = _split_key(event)
+            before, after = _availability(event) or (0, 0)
+            total_before = max(0, running[key])
+            running[key] += after - before
+            on_hand, held, sold = (sum(counters[n][i] for n in buckets[key]) for i in (0, 2, 3))
+            fields = {
+                **event.fields,
+                "sku": key[1],
+                "av0": str(total_before),
+                "av": str(max(0, running[key])),
+                "on_hand": str(on_hand),  # the SKU's figures as read, after the batch
+                "held": str(held),
+                "sold": str(sold),
+            }
+            rewritten[(event.shard, event.event_id)] = StreamEvent(event.shard, event.event_id, fields)
+        return [rewritten.get((e.shard, e.event_id), e) for e in events]
 
     async def run(self, stop: asyncio.Event, reclaim_every_s: float = 5.0) -> None:
         """Dispatches until `stop` is set; a failing step (PostgreSQL or Redis away) is retried after a
@@ -204,3 +272,15 @@ class WebhookDispatcher:
                 retry_own = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+def _availability(event: StreamEvent) -> tuple[int, int] | None:
+    """(available before, after) of an event that changed its SKU's availability, else None."""
+    av0, av = event.fields.get("av0"), event.fields.get("av")
+    if not av0 or not av or av0 == av:
+        return None
+    return int(float(av0)), int(float(av))
+
+
+def _split_key(event: StreamEvent) -> tuple[str, str]:
+    return event.fields.get("tenant", ""), parent_sku(event.fields.get("sku", ""))

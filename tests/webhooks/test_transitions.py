@@ -121,3 +121,28 @@ async def test_a_reservation_expiring_on_two_shards_is_delivered_once(
         ("reservation_expired", held.json()["id"]),
     ]
     assert receiver.duplicates == 0 and len(receiver.requests) == 3
+
+
+async def test_a_split_sku_alerts_on_its_total_not_on_a_bucket(
+    wh_client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    # given 3 units split over 3 buckets (one each): the moves that spread them change no total to 0
+    await put_sku(wh_client, "split-wh", on_hand=3)
+    split = await wh_client.put("/v1/skus/split-wh/split", json={"buckets": 3})
+    assert split.status_code == 200, split.text
+
+    # when three buyers each empty a bucket, then one releases
+    held = []
+    for user in ("u1", "u2", "u3"):
+        await asyncio.sleep(0.005)  # events on different shards are ordered by their stream time
+        response = await reserve(wh_client, user, ("split-wh", 1))
+        assert response.status_code == 201, response.text
+        held.append(response.json()["id"])
+    await asyncio.sleep(0.005)
+    assert (await wh_client.post(f"/v1/reservations/{held[0]}/release")).status_code == 200
+
+    # then the SKU (never a bucket) was back in stock, sold out once when the last bucket ran dry, and back
+    events = await seen(receiver, 3)
+    assert events == [("back_in_stock", "split-wh"), ("sold_out", "split-wh"), ("back_in_stock", "split-wh")]
+    sold_out = next(b for b in receiver.events.values() if b["type"] == "sold_out")
+    assert (sold_out["data"]["available_before"], sold_out["data"]["available"]) == (1, 0)
