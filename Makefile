@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint docker-lint format bench bench-writebehind bench-cluster bench-split loadtest wrk clean help
+.PHONY: run test lint docker-lint format bench bench-writebehind bench-cluster bench-split loadtest wrk chromium clean help
 
 help:
 	@echo "make run    serve on http://127.0.0.1:8000 (embedded Redis + PostgreSQL unless REDIS_URL / DATABASE_URL are set)"
@@ -30,8 +30,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/stockhold serve
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: $(STAMP) chromium
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench loadtests
@@ -62,6 +62,16 @@ wrk:
 	  echo "installing wrk (Debian package) for the benchmark"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y -qq wrk >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }; }
+
+# The dashboard's browser test (tests/loadtests/test_dashboard_in_a_browser.py) drives Debian's Chromium
+# through Playwright (a dev dependency that downloads no browser of its own): the distribution's build, which
+# gets security updates with the rest of the machine.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing chromium (Debian package) for the dashboard's browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }; }
 
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.hotpath

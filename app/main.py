@@ -24,7 +24,7 @@ from app.api.client_limits import admit_client
 from app.api.hot_path import is_hot, serve_reserve
 from app.api.observe import observe
 from app.api.problems import install_problem_handlers
-from app.api.routes import listings, metrics, ops, reservations, skus, webhooks
+from app.api.routes import dashboard, listings, metrics, ops, reservations, skus, webhooks
 from app.auth.authenticator import Authenticator
 from app.auth.store import KeyStore
 from app.config import Settings, get_settings
@@ -32,6 +32,7 @@ from app.recovery.rebuild import Rebuilder
 from app.recovery.watch import ReadinessWatch
 from app.runtime import freeze_startup_heap
 from app.stock.buckets import SplitMap
+from app.stock.dashboard import DashboardReader
 from app.stock.idempotency import IdempotencyStore
 from app.stock.keys import KeySpace
 from app.stock.listings import ListingCatalogue
@@ -99,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
         app.state.service.splitter = Splitter(app.state.service, pg, splits, settings.idempotency_ttl_seconds)
         app.state.listings = app.state.service.listings
+        app.state.dashboard = DashboardReader(redis, pg, keys, splits)
         app.state.idempotency = IdempotencyStore(redis, scripts, keys, settings.idempotency_ttl_seconds)
         app.state.rate_limiter = RateLimiter(
             scripts,
@@ -184,6 +186,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(webhooks.alerts_router)
     app.include_router(reservations.router)
+    app.include_router(dashboard.router)
+    app.include_router(dashboard.page_router)
     app.include_router(ops.router)
     app.include_router(metrics.router)
     app.state.metrics = Metrics()  # before the lifespan: the sweeper, the fast path and the sender count here

@@ -15,6 +15,7 @@ the hot path answers it and as FastAPI does (a body the hot path hands over):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,10 @@ async def get_sku(w: World, owner: str, headers: dict[str, str]) -> httpx.Respon
     return await w.client.get(f"/v1/skus/{SKU[owner]}", headers=headers)
 
 
+async def read_dashboard(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
+    return await w.client.get("/v1/dashboard", params={"sku": SKU[owner]}, headers=headers)
+
+
 async def reserve_hot(w: World, owner: str, headers: dict[str, str]) -> httpx.Response:
     return await w.client.post("/v1/reservations", json=reserve_body(SKU[owner]), headers=headers)
 
@@ -192,6 +197,7 @@ ENDPOINTS = {
     # on A's own SKU, which is not split: the domain's refusal, reached with A's tenant
     "POST /v1/skus/{sku}/rebalance": Endpoint(rebalance, frozenset({Scope.ADMIN}), 409, "sku_not_found"),
     "GET /v1/skus/{sku}": Endpoint(get_sku, READ_SCOPES, 200, "sku_not_found"),
+    "GET /v1/dashboard?sku=": Endpoint(read_dashboard, READ_SCOPES, 200, "sku_not_found"),
     "PUT /v1/listings/{listing}": Endpoint(put_listing, frozenset({Scope.ADMIN}), 200, None, listing_created_as_own),
     "GET /v1/listings/{listing}": Endpoint(get_listing, READ_SCOPES, 200, "listing_not_found"),
     "POST /v1/reservations (hot path)": Endpoint(reserve_hot, frozenset({Scope.CHECKOUT}), 201, "sku_not_found"),
@@ -329,6 +335,26 @@ async def test_an_idempotency_key_never_replays_another_tenants_answer(world: Wo
     assert first.json()["id"] not in replay.text
 
 
+async def test_the_dashboard_shows_a_tenant_its_own_skus_and_holds_only(world: World, pg_pool: asyncpg.Pool) -> None:
+    # both tenants' SKUs are in PostgreSQL (the unnamed view lists from there) and both hold a reservation
+    for _ in range(200):
+        if await pg_pool.fetchval("SELECT count(*) FROM sku WHERE sku = ANY($1::text[])", list(SKU.values())) == 2:
+            break
+        await asyncio.sleep(0.05)
+
+    for tenant in (A, B):
+        response = await world.client.get(
+            "/v1/dashboard", params={"within_seconds": 3600}, headers=world.auth(tenant, Scope.READ)
+        )
+
+        assert response.status_code == 200, response.text
+        board = response.json()
+        assert board["tenant"] == tenant
+        assert [s["sku"] for s in board["skus"]] == [SKU[tenant]]
+        assert [h["reservation_id"] for h in board["expiring"]["holds"]] == [world.reservation[tenant]]
+        assert board["expiring"]["count"] == 1
+
+
 async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_routes_need_none(world: World) -> None:
     doc = (await world.client.get("/openapi.json")).json()
 
@@ -339,11 +365,11 @@ async def test_every_v1_route_declares_the_key_and_its_refusals_and_the_ops_rout
     }
     v1 = [(path, op) for path, ops in doc["paths"].items() if path.startswith("/v1/") for op in ops.values()]
     # skus: put, adjust, receive, put channel, split, rebalance, get; listings: put, get; reservations: 4;
-    # webhooks: 6, alerts: 2
-    assert len(v1) == 13 + 8
+    # webhooks: 6, alerts: 2; the dashboard's figures: 1
+    assert len(v1) == 13 + 8 + 1
     for path, op in v1:
         assert op.get("security") == [{"ApiKey": []}], path
         assert {"401", "403"} <= op["responses"].keys(), path
-    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/dashboard"):
         assert (await world.client.get(path)).status_code == 200, path
     assert (await world.client.get("/readyz")).json()["auth"] == "required"
