@@ -10,7 +10,9 @@ the same ids, which is what makes the outbox's ``ON CONFLICT DO NOTHING`` enough
 - ``back_in_stock``: ``av0 == 0`` and ``av > 0``;
 - ``low_stock``: a threshold ``t`` is set and ``av0 > t >= av``: fires when availability crosses down into
   low stock, not again while it stays there (it fires again after it went back above ``t``);
-- ``presale_opened``: a ``held`` line with ``lbo > 0`` and ``bo - lbo == 0``: the first backordered unit;
+- ``presale_opened``: a ``held`` line, or a ``sold`` one (a direct deduction at confirm: an ``on_payment``
+  SKU, or a hold confirmed after its deadline), with ``lbo > 0`` and ``bo - lbo == 0``: the first
+  backordered units. A ``confirmed`` hold's backorder was counted when it was held, so it opens nothing;
 - ``reservation_expired``: an ``expired`` or ``lapsed`` line (``st == expired``). Its id is the
   reservation's, not the entry's, so a reservation expiring on several lines or shards is one event.
 
@@ -25,6 +27,9 @@ from enum import StrEnum
 from typing import Any
 
 from app.stock.events import StreamEvent
+
+# The stock events that take units on backorder anew (a hold; a direct deduction at confirm).
+OPENING_TYPES = frozenset({"held", "sold"})
 
 
 class WebhookEventType(StrEnum):
@@ -106,7 +111,7 @@ def webhook_events(event: StreamEvent, low_stock_threshold: int | None = None) -
         if t is not None and av0 > t >= av:
             add(WebhookEventType.LOW_STOCK, {**stock, "low_stock_threshold": t})
     lbo = _int(f, "lbo")
-    if kind == "held" and lbo is not None and bo is not None and lbo > 0 and bo - lbo == 0:
+    if kind in OPENING_TYPES and lbo is not None and bo is not None and lbo > 0 and bo - lbo == 0:
         data = {"sku": f.get("sku"), "reservation_id": f.get("res") or None, "backordered": bo}
         add(WebhookEventType.PRESALE_OPENED, data)
     reservation = f.get("res")

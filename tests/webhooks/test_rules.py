@@ -66,10 +66,13 @@ def test_low_stock_needs_a_threshold_and_can_come_with_sold_out() -> None:
         ("held", 2, 2, True),  # the first backordered units of the SKU: presale opened
         ("held", 1, 3, False),  # others were backordered before
         ("held", 0, 0, False),  # a line fully from on-hand stock
-        ("released", 2, 2, False),  # only a hold opens a presale
+        ("sold", 2, 2, True),  # a direct deduction at confirm (on_payment) takes units on backorder too
+        ("sold", 1, 3, False),
+        ("confirmed", 2, 2, False),  # a hold confirmed: its backorder was counted (and opened) when held
+        ("released", 2, 2, False),
     ],
 )
-def test_presale_opened_on_the_first_backordered_hold(kind: str, lbo: int, bo: int, fires: bool) -> None:
+def test_presale_opened_on_the_first_backordered_units(kind: str, lbo: int, bo: int, fires: bool) -> None:
     assert (T.PRESALE_OPENED in types(event(kind, av0=0, av=0, bo=bo, lbo=lbo))) is fires
 
 

@@ -101,6 +101,21 @@ async def test_presale_opened_on_the_first_backordered_units(wh_client: httpx.As
     assert body["data"] == {"sku": "wine", "reservation_id": opened.json()["id"], "backordered": 2}
 
 
+async def test_presale_opened_by_a_sale_deducted_at_payment(wh_client: httpx.AsyncClient, receiver: Receiver) -> None:
+    # an on_payment SKU holds nothing: the first backordered units are taken when the payment arrives
+    await put_sku(wh_client, "port", on_hand=1, mode="on_payment", presale={"cap": 5, "eta": "2027-01-15T09:00:00Z"})
+    pending = await reserve(wh_client, "u1", ("port", 3))
+    assert pending.json()["status"] == "pending", pending.text
+    paid = await wh_client.post(f"/v1/reservations/{pending.json()['id']}/confirm")
+    assert paid.status_code == 200, paid.text
+
+    events = await seen(receiver, 2)
+
+    assert events == [("back_in_stock", "port"), ("presale_opened", "port")]
+    (body,) = [b for b in receiver.events.values() if b["type"] == "presale_opened"]
+    assert body["data"] == {"sku": "port", "reservation_id": pending.json()["id"], "backordered": 2}
+
+
 async def test_a_reservation_expiring_on_two_shards_is_delivered_once(
     wh_client: httpx.AsyncClient, receiver: Receiver
 ) -> None:
