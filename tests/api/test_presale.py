@@ -271,6 +271,36 @@ async def test_backorders_come_back_from_postgresql_and_reconcile_watches_them(
     assert [(d.sku, d.field, d.redis, d.postgres) for d in drift] == [("pre", "backordered", "5", "1")]
 
 
+async def test_reconcile_reports_a_backorder_queue_that_lost_an_entry_or_changed_its_order(
+    client: httpx.AsyncClient, redis: Redis, pg: asyncpg.Pool, keys: KeySpace
+) -> None:
+    await put_sku(client, "queued", on_hand=0, presale=presale(9))
+    ids = []
+    for user in ("ann", "bob", "cat"):
+        ids.append((await reserve(client, user, ("queued", 2))).json()["id"])
+        await asyncio.sleep(0.005)  # three distinct moments
+    await Rebuilder(redis, pg, keys).drain(list(keys.all_shards()))
+    queue = keys.backorder_queue(keys.shard_of(TENANT, "queued"), TENANT, "queued")
+    at = {str(rid): int(ms) for rid, ms in await redis.zrange(queue, 0, -1, withscores=True)}
+    assert list(at) == ids
+    assert await compare(redis, pg, keys) == []
+    ann, bob, cat = ids
+
+    # a receipt would skip bob: reported where the queues part, with each side's length
+    await redis.zrem(queue, bob)
+    drift = [(d.sku, d.field, d.redis, d.postgres) for d in await compare(redis, pg, keys)]
+    parted = (f"2 entries, #2: {cat}@{at[cat]}", f"3 entries, #2: {bob}@{at[bob]}")
+    assert drift == [("queued", "backorder_queue", *parted)]
+
+    # cat ahead of ann: a receipt would fill them in the wrong order
+    await redis.zadd(queue, {bob: at[bob], cat: at[ann] - 1})
+    drift = [(d.field, d.redis, d.postgres) for d in await compare(redis, pg, keys)]
+    assert drift == [("backorder_queue", f"3 entries, #1: {cat}@{at[ann] - 1}", f"3 entries, #1: {ann}@{at[ann]}")]
+
+    await redis.zadd(queue, {cat: at[cat]})
+    assert await compare(redis, pg, keys) == []
+
+
 async def test_a_rebuild_keeps_the_order_lines_went_on_backorder_in(
     client: httpx.AsyncClient, redis: Redis, pg: asyncpg.Pool, keys: KeySpace
 ) -> None:
