@@ -28,6 +28,10 @@ def without_streams(state: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in state.items() if not key.endswith(":events")}
 
 
+def stock_keys(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in without_streams(state).items() if ":idem:" not in key}
+
+
 async def put_listing(client: httpx.AsyncClient, listing: str, *components: tuple[str, int]) -> httpx.Response:
     body = {"components": [{"sku": s, "quantity": q} for s, q in components]}
     return await client.put(f"/v1/listings/{listing}", json=body)
@@ -207,3 +211,25 @@ async def test_listings_may_not_expand_past_the_bounds_of_a_reservation(
         assert (refused.status_code, refused.json()["code"]) == (422, "reservation_too_large"), refused.text
         assert (refused.json()["lines"], refused.json()["largest"]) == (lines, largest)
     assert await snapshot(redis) == before
+
+
+async def test_a_retry_is_replayed_even_after_its_listing_changed_past_what_it_could_expand_to(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    await put_sku(client, "tea", on_hand=10)
+    await put_listing(client, "tea-pair", ("tea", 2))
+    body = {"user_id": "ann", "listings": [{"listing": "tea-pair", "quantity": 2}]}
+    first = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "pair-1"})
+    assert first.status_code == 201, first.text
+
+    # the listing changes so that the same line would now be too large (2 x 600 units of tea)
+    await put_listing(client, "tea-pair", ("tea", 600))
+    before = await snapshot(redis)
+    retry = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "pair-1"})
+    fresh = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "pair-2"})
+
+    # the retry gets its first answer; a new request is refused by the listing as it is now
+    assert (retry.status_code, retry.content) == (201, first.content)
+    assert (fresh.status_code, fresh.json()["code"]) == (422, "reservation_too_large")
+    assert stock_keys(await snapshot(redis)) == stock_keys(before)  # only the new key's refusal was recorded
+    assert (await sku_state(client, "tea"))["held"] == 4

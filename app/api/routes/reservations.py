@@ -18,9 +18,10 @@ from app.api.deps import (
 )
 from app.api.idempotent import run_idempotent
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
-from app.stock.errors import InsufficientStock
+from app.stock.errors import InsufficientStock, StockError
 from app.stock.idempotency import IdempotencyStore
 from app.stock.rate_limits import RateLimiter
+from app.stock.reservation_ids import new_reservation_id
 from app.stock.schemas import Reservation, ReservationRequest
 from app.stock.service import StockService
 from app.telemetry.context import note_outcome
@@ -103,13 +104,23 @@ async def reserve(
     Then, inside the operation the key guards (so a retry of an answered request is replayed, never
     refused anew): a SKU this process knows is sold out is refused from memory (app/stock/sold_out.py),
     and the per-user rate limit is checked; a rate limit's 429 is not stored, so a retry runs afresh.
-    The metrics learn the outcomes a status and a problem code do not tell apart (note_outcome)."""
-    stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
+    A listing that cannot be expanded (not found, too large) is refused under the key too, so a retry of an
+    answered request is replayed even if its listing changed since. The metrics learn the outcomes a status
+    and a problem code do not tell apart (note_outcome)."""
+    stock: ReservationRequest | StockError
+    try:
+        stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
+    except StockError as refusal:
+        # answered inside the key's operation: a retry of a request answered before (its listing changed or
+        # gone since) gets that first answer replayed, not this refusal
+        stock = refusal
     ran = False
 
     async def run(reservation_id: str, retry: bool) -> Response:
         nonlocal ran
         ran = True
+        if isinstance(stock, StockError):
+            raise stock
         try:
             service.refuse_known_sold_out(tenant, stock)
         except InsufficientStock:
@@ -126,7 +137,8 @@ async def reserve(
         idempotency_key,
         "POST /v1/reservations",
         lambda: canonical_body(body),
-        service.new_reservation_id(tenant, stock),
+        # an id for a request refused before any script runs is never used: any home shard does
+        service.new_reservation_id(tenant, stock) if isinstance(stock, ReservationRequest) else new_reservation_id(0),
         instance,
         run,
     )
