@@ -1,7 +1,9 @@
 """Whole test modules run unchanged on the Redis Cluster: expiry, idempotency, the sold-out fast path,
-rebuilds from PostgreSQL and the write-behind worker. Star imports on purpose: every test added to those
+the live dashboard's figures (pipelines over every shard, so over every node), rebuilds from PostgreSQL and
+the write-behind worker. Star imports on purpose: every test added to those
 modules runs here too."""
 
+from tests.api.test_dashboard import *  # noqa: F403
 from tests.api.test_expiry import *  # noqa: F403
 from tests.api.test_idempotency import *  # noqa: F403
 from tests.api.test_sold_out import *  # noqa: F403

@@ -19,11 +19,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest_asyncio
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
-from tests.processes import REPO
+from app.auth.scopes import Scope
+from app.auth.store import KeyStore
+from tests.processes import REPO, stockhold_serve
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # `make chromium` installs it
 # As on this machine's probe: no component updates, sync or background requests to Google's hosts, which a
@@ -143,3 +146,38 @@ def _is_error(message: ConsoleMessage) -> bool:
 
 def exactly(n: int) -> re.Pattern[str]:
     return re.compile(rf"^{n}$")
+
+
+async def test_the_page_asks_for_a_key_and_takes_one_from_its_fragment(
+    service_env: dict[str, str], redis: object, pg: asyncpg.Pool, browser: Browser, tmp_path: Path
+) -> None:
+    store = KeyStore(pg)
+    _, admin = await store.create("tenant-z", Scope.ADMIN, "catalogue")
+    _, reader = await store.create("tenant-z", Scope.READ, "dashboard")
+    env = {**service_env, "STOCKHOLD_REQUIRE_AUTH": "true"}
+    with stockhold_serve(env, tmp_path / "server.log") as base:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            created = await http.put(
+                "/v1/skus/gin", json={"on_hand": 7}, headers={"authorization": f"Bearer {admin.token}"}
+            )
+            assert created.status_code == 201, created.text
+        page = await browser.new_page()
+
+        # without a key: the service's 401 is shown as it is, and the page asks for a key
+        await page.goto(f"{base}/dashboard#sku=gin")
+        await page.get_by_test_id("status").filter(has_text="error").wait_for(timeout=10_000)
+        assert "401 unauthenticated" in await figure(page, "problem")
+        await page.locator("#key-input").fill(reader.token)
+        await page.locator("#key-form button").click()
+        await page.get_by_test_id("status").filter(has_text="live").wait_for(timeout=10_000)
+        assert await figure(page, "tenant") == "tenant-z"
+        assert await page.get_by_test_id("problem").is_hidden()
+        gin = page.locator('[data-testid="sku-row"][data-sku="gin"] [data-field="available"]')
+        assert await gin.inner_text() == "7"
+
+        # a key in the fragment is used, then taken out of the address bar
+        fresh = await browser.new_page()
+        await fresh.goto(f"{base}/dashboard#key={reader.token}&sku=gin")
+        await fresh.get_by_test_id("status").filter(has_text="live").wait_for(timeout=10_000)
+        assert await figure(fresh, "card-available") == "7"
+        assert "key=" not in fresh.url and fresh.url.endswith("/dashboard#sku=gin")
