@@ -5,16 +5,25 @@ come back with a rebuild, and reconcile compares them."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from app.api.routes.reservations import canonical_body
+from app.config import Settings
+from app.main import create_app
 from app.recovery.rebuild import Rebuilder
 from app.recovery.reconcile import compare
+from app.stock.idempotency import IdempotencyRequest, fingerprint
 from app.stock.keys import KeySpace
+from app.stock.reservation_ids import home_shard_of, new_reservation_id
+from app.stock.schemas import ReservationRequest
 from tests.conftest import TENANT
 from tests.helpers import put_sku, sku_state, snapshot
 
@@ -232,4 +241,63 @@ async def test_a_retry_is_replayed_even_after_its_listing_changed_past_what_it_c
     assert (retry.status_code, retry.content) == (201, first.content)
     assert (fresh.status_code, fresh.json()["code"]) == (422, "reservation_too_large")
     assert stock_keys(await snapshot(redis)) == stock_keys(before)  # only the new key's refusal was recorded
+    assert (await sku_state(client, "tea"))["held"] == 4
+
+
+@pytest_asyncio.fixture
+async def no_auto_rebuild(settings: Settings, redis: Redis) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with automatic rebuilds off: a shard without its ready marker stays not ready."""
+    application = create_app(settings.model_copy(update={"auto_rebuild": False}))
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://stockhold.test") as http:
+            yield application, http
+
+
+async def test_a_listing_on_a_shard_awaiting_its_rebuild_is_a_503_and_the_retry_reserves_under_a_readable_id(
+    no_auto_rebuild: tuple[FastAPI, httpx.AsyncClient], redis: Redis, keys: KeySpace
+) -> None:
+    _, client = no_auto_rebuild
+    # a SKU off shard 0 and a listing on another shard
+    sku = next(f"soap-{i}" for i in range(100) if keys.shard_of(TENANT, f"soap-{i}") not in (0,))
+    box = next(f"box-{i}" for i in range(100) if keys.shard_of(TENANT, f"box-{i}") != keys.shard_of(TENANT, sku))
+    await put_sku(client, sku, on_hand=5)
+    assert (await put_listing(client, box, (sku, 1))).status_code == 201
+    body = {"user_id": "ann", "listings": [{"listing": box, "quantity": 2}]}
+    marker = keys.ready(keys.shard_of(TENANT, box))
+    await redis.delete(marker)
+
+    refused = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "soap-1"})
+    assert (refused.status_code, refused.json()["code"]) == (503, "not_ready")
+    await redis.set(marker, '{"source": "tests"}')
+    retried = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "soap-1"})
+
+    assert retried.status_code == 201, retried.text
+    rid = retried.json()["id"]
+    assert home_shard_of(rid, keys.shard_count) == keys.shard_of(TENANT, sku)  # the id names its real home
+    assert (await client.get(f"/v1/reservations/{rid}")).json()["status"] == "held"
+    assert (await client.post(f"/v1/reservations/{rid}/release")).status_code == 200
+    assert (await sku_state(client, sku))["held"] == 0
+
+
+async def test_a_retry_after_a_crash_answers_the_reservation_made_even_if_its_listing_changed_since(
+    app: FastAPI, client: httpx.AsyncClient, redis: Redis, keys: KeySpace
+) -> None:
+    await put_sku(client, "tea", on_hand=10)
+    await put_listing(client, "tea-pair", ("tea", 2))
+    body = {"user_id": "ann", "listings": [{"listing": "tea-pair", "quantity": 2}]}
+    scope = "POST /v1/reservations"
+    request = ReservationRequest.model_validate(body)
+    claim = IdempotencyRequest(key="pair-9", scope=scope, fingerprint=fingerprint(scope, canonical_body(request)))
+    claimed_id = new_reservation_id(keys.shard_of(TENANT, "tea"))
+    await app.state.idempotency.claim(TENANT, claim, claimed_id)
+    # the first attempt reserved, then the process died before storing its answer
+    await app.state.service.reserve(TENANT, await app.state.service.expand_listings(TENANT, request), claimed_id)
+    await put_listing(client, "tea-pair", ("tea", 600))  # the listing no longer expands to what was reserved
+
+    retried = await client.post("/v1/reservations", json=body, headers={"idempotency-key": "pair-9"})
+
+    assert retried.status_code == 201, retried.text
+    assert retried.json()["id"] == claimed_id
+    assert retried.json()["items"] == [{"sku": "tea", "quantity": 4, "backorder": False, "backordered": 0, "eta": None}]
     assert (await sku_state(client, "tea"))["held"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from app.api.deps import (
 )
 from app.api.idempotent import run_idempotent
 from app.api.responses import AUTH_RESPONSES, json_response, problem_schema
-from app.stock.errors import InsufficientStock, StockError
+from app.stock.errors import InsufficientStock, ListingNotFound, ReservationNotFound, ReservationTooLarge
 from app.stock.idempotency import IdempotencyStore
 from app.stock.rate_limits import RateLimiter
 from app.stock.reservation_ids import new_reservation_id
@@ -107,19 +108,25 @@ async def reserve(
     A listing that cannot be expanded (not found, too large) is refused under the key too, so a retry of an
     answered request is replayed even if its listing changed since. The metrics learn the outcomes a status
     and a problem code do not tell apart (note_outcome)."""
-    stock: ReservationRequest | StockError
+    stock: ReservationRequest | ListingNotFound | ReservationTooLarge
     try:
         stock = await service.expand_listings(tenant, body)  # listing lines become SKU lines
-    except StockError as refusal:
+    except (ListingNotFound, ReservationTooLarge) as refusal:
         # answered inside the key's operation: a retry of a request answered before (its listing changed or
-        # gone since) gets that first answer replayed, not this refusal
+        # gone since) gets that first answer replayed, not this refusal. A transient failure (not_ready) is
+        # raised here, before any claim: a claim's reservation id must name the home shard it will have.
         stock = refusal
     ran = False
 
     async def run(reservation_id: str, retry: bool) -> Response:
         nonlocal ran
         ran = True
-        if isinstance(stock, StockError):
+        if not isinstance(stock, ReservationRequest):
+            if retry:  # an earlier attempt, cut short, may have reserved under this id before the listing changed
+                with contextlib.suppress(ReservationNotFound):
+                    made = json_response(await service.get_reservation(tenant, reservation_id), 201)
+                    note_outcome("reserved")
+                    return made
             raise stock
         try:
             service.refuse_known_sold_out(tenant, stock)
