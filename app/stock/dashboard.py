@@ -1,19 +1,21 @@
 """What the live dashboard shows (GET /v1/dashboard, drawn by GET /dashboard): one tenant's SKUs with their
 live counters, its holds closest to their deadline, and the write-behind pipeline's lag.
 
-One reading costs a bounded amount whatever the tenant's size, since a page polls it every second during a
-sale:
+A page polls it every second during a sale, so what one reading costs is bounded in Redis:
 
-- SKUs: those named by the caller (up to MAX_NAMED), or else the tenant's most recently changed ones
-  (PostgreSQL's ``sku.updated_at``, which the write-behind worker moves with every persisted event), at
-  most ``limit``. Their counters come from Redis (one pipelined HMGET per SKU and bucket), never from
-  PostgreSQL, which lags by the write-behind delay. A split SKU is shown once, as the sum of its buckets;
-  buckets are never listed (they are internal SKUs).
+- SKUs: those named by the caller (up to MAX_NAMED), or else the tenant's most recently changed ones, at most
+  ``limit``: PostgreSQL's ``sku.updated_at``, which the write-behind worker moves with every persisted event,
+  the latest of a split SKU's buckets counting for the SKU. That query reads the tenant's whole catalogue
+  (12 ms for 20,000 SKUs, measured); naming the SKUs skips it. Their counters come from Redis (one pipelined
+  HMGET per SKU and bucket), never from PostgreSQL, which lags by the write-behind delay. A split SKU is
+  shown once, as the sum of its buckets; buckets are never listed (they are internal SKUs).
 - Holds about to expire: each shard's expiry index read from its earliest deadline, at most
-  EXPIRY_SCAN_PER_SHARD entries per shard, of which the tenant's own are kept (one field read per entry;
-  the lines of the ``holds`` shown only). The index is shared by the
-  tenants of a deployment, so a count over it would tell one tenant of another's holds: the count is of the
-  tenant's holds among the entries read, and says when it is only a lower bound.
+  EXPIRY_SCAN_PER_SHARD entries per shard, of which the tenant's own are kept (one field read per entry; the
+  lines of the ``holds`` shown only). When a shard has more due entries than that, the list stops at the
+  earliest deadline some shard was not read past (so it is the soonest, with none skipped) and the count is
+  a lower bound. The index is shared by the tenants of a deployment: no other tenant's hold is shown or
+  counted, but whether the count is a lower bound, and how far the list goes, depend on every tenant's
+  holds on the shard (a busy shard, not whose or what).
 - Write-behind lag: the deployment's figures that /metrics exports (app/worker/status.py), summed over the
   shards; counts and ages only, no tenant's data.
 """
@@ -48,10 +50,12 @@ MAX_HOLDS = 100
 EXPIRY_SCAN_PER_SHARD = 200
 
 _COUNTERS = ("on_hand", "safety_stock", "held", "sold", "backordered", "mode", *PRESALE_FIELDS)
+# A split SKU's buckets are rows of their own ("<sku>~<i>"): they count for the SKU, and are never listed.
 _RECENT = """
-SELECT sku FROM sku
-WHERE tenant = $1 AND position($3 in sku) = 0
-ORDER BY updated_at DESC, sku
+SELECT split_part(sku, $3, 1) AS sku FROM sku
+WHERE tenant = $1
+GROUP BY 1
+ORDER BY max(updated_at) DESC, 1
 LIMIT $2
 """
 
@@ -85,7 +89,10 @@ class ExpiringHolds(BaseModel):
     within_seconds: int
     count: int = Field(description="the tenant's holds with a deadline within the window, among those read")
     count_is_lower_bound: bool = Field(description="true when a shard had more entries than one poll reads")
-    holds: list[ExpiringHold] = Field(description="the soonest first, at most `holds` of them")
+    holds: list[ExpiringHold] = Field(
+        description="the soonest first, at most `holds` of them; when the count is a lower bound, only those due"
+        " before the earliest deadline a shard was not read past"
+    )
 
 
 class WriteBehind(BaseModel):
@@ -177,7 +184,8 @@ class DashboardReader:
                     self.keys.expiry(shard), "-inf", until, start=0, num=EXPIRY_SCAN_PER_SHARD, withscores=True
                 )
             entries = await pipe.execute()
-        lower_bound = any(len(e) >= EXPIRY_SCAN_PER_SHARD for e in entries)
+        cut = [int(e[-1][1]) for e in entries if len(e) >= EXPIRY_SCAN_PER_SHARD]  # where reading stopped
+        complete_before = min(cut, default=until + 1)  # every shard was read up to here: nothing due is skipped
         due = [(shard, str(rid), int(at)) for shard, e in zip(shards, entries, strict=True) for rid, at in e]
         owners = await self._fields(due, "t")
         # another tenant's entries, and parts released since the index was read (no tenant field left), go
@@ -185,7 +193,8 @@ class DashboardReader:
         for (_, rid, deadline), owner in zip(due, owners, strict=True):
             if owner == tenant:
                 deadlines[rid] = min(deadline, deadlines.get(rid, deadline))
-        shown = sorted(deadlines, key=lambda rid: (deadlines[rid], rid))[:limit]
+        complete = [rid for rid, deadline in deadlines.items() if deadline < complete_before]
+        shown = sorted(complete, key=lambda rid: (deadlines[rid], rid))[:limit]
         wanted = set(shown)
         parts = [(shard, rid, deadline) for shard, rid, deadline in due if rid in wanted]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -211,7 +220,7 @@ class DashboardReader:
         return ExpiringHolds(
             within_seconds=within_seconds,
             count=len(deadlines),
-            count_is_lower_bound=lower_bound,
+            count_is_lower_bound=bool(cut),
             holds=[holds[rid] for rid in shown],
         )
 

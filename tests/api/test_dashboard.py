@@ -1,5 +1,5 @@
 """The live dashboard's figures (GET /v1/dashboard) and its page (GET /dashboard), against the real app on
-real Redis and PostgreSQL. The page in a real browser during a sale: tests/browser/."""
+real Redis and PostgreSQL. The page in a real browser during a sale: tests/loadtests/test_dashboard_in_a_browser.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from app.config import Settings
 from app.main import create_app
 from app.stock import dashboard
-from app.stock.buckets import SplitMap
+from app.stock.buckets import SplitMap, first_bucket
 from app.stock.dashboard import DashboardQuery, DashboardReader
 from app.stock.keys import KeySpace
 from app.stock.schemas import SkuSettings
@@ -93,22 +93,22 @@ async def test_unnamed_the_most_recently_changed_skus_come_first_up_to_the_limit
 
 
 async def test_a_split_sku_is_one_row_summing_its_buckets_and_no_bucket_is_listed(
-    client: httpx.AsyncClient, pg: asyncpg.Pool
+    pg: asyncpg.Pool, client: httpx.AsyncClient
 ) -> None:
-    await put_sku(client, "hot", on_hand=30)
-    split = await client.put("/v1/skus/hot/split", json={"buckets": 3})
+    await put_sku(client, "dash-split-a", on_hand=30)
+    split = await client.put("/v1/skus/dash-split-a/split", json={"buckets": 3})
     assert split.status_code == 200, split.text
     for i in range(6):
-        assert (await reserve(client, f"user-{i}", ("hot", 2))).status_code == 201
-    await _wait_until(pg, "SELECT count(*) FROM sku WHERE tenant = $1 AND sku LIKE 'hot~%'", 2)
+        assert (await reserve(client, f"user-{i}", ("dash-split-a", 2))).status_code == 201
+    await _wait_until(pg, "SELECT count(*) FROM sku WHERE tenant = $1 AND sku LIKE 'dash-split-a~%'", 2)
 
     unnamed = await read(client)
-    named = await read(client, sku="hot")
-    state = await sku_state(client, "hot")
+    named = await read(client, sku="dash-split-a")
+    state = await sku_state(client, "dash-split-a")
 
-    assert [s["sku"] for s in unnamed["skus"]] == ["hot"]  # the buckets hot~1, hot~2 are internal
+    assert [s["sku"] for s in unnamed["skus"]] == ["dash-split-a"]  # its buckets ~1 and ~2 are internal
     for board in (unnamed, named):
-        row = rows(board)["hot"]
+        row = rows(board)["dash-split-a"]
         assert {f: row[f] for f in FIGURES} == {f: state[f] for f in FIGURES}
         assert (row["on_hand"], row["held"], row["buckets"]) == (30, 12, 3)
     assert sum(1 for b in state["split"]["per_bucket"] if b["held"]) >= 2  # really held in several buckets
@@ -125,7 +125,7 @@ async def test_holds_about_to_expire_soonest_first_with_their_lines_and_the_tena
     await reserve(client, "carol", ("long", 4))  # 600 s: outside a 60 s window
     paid = (await reserve(client, "dave", ("short", 1))).json()
     assert (await client.post(f"/v1/reservations/{paid['id']}/confirm")).status_code == 200  # no deadline now
-    # another tenant's hold due even sooner, on the same shards' indexes: never shown
+    # another tenant's hold due even sooner (every shard's index is read): never shown
     await service.put_sku("tenant-x", "short", SkuSettings(on_hand=5, hold_ttl_seconds=10), None)
     await service.reserve("tenant-x", req("mallory", ("short", 1)))
 
@@ -148,25 +148,33 @@ async def test_holds_about_to_expire_soonest_first_with_their_lines_and_the_tena
     assert (await read(client, within_seconds=700, holds=1))["expiring"]["holds"][0]["user_id"] == "bob"
 
 
-async def test_a_shard_with_more_due_holds_than_one_read_says_its_count_is_a_lower_bound(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+async def test_a_shard_with_more_due_holds_than_one_read_lists_none_past_where_it_stopped(
+    client: httpx.AsyncClient, keys: KeySpace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(dashboard, "EXPIRY_SCAN_PER_SHARD", 2)
-    await put_sku(client, "crowded", on_hand=10, hold_ttl_seconds=30)
+    crowded = "crowded"
+    quiet = next(
+        f"quiet-{i}" for i in range(100) if keys.shard_of(TENANT, f"quiet-{i}") != keys.shard_of(TENANT, crowded)
+    )
+    await put_sku(client, crowded, on_hand=10, hold_ttl_seconds=30)
+    await put_sku(client, quiet, on_hand=10, hold_ttl_seconds=40)
+    ids = []
     for user in ("u1", "u2", "u3"):
-        assert (await reserve(client, user, ("crowded", 1))).status_code == 201
+        ids.append((await reserve(client, user, (crowded, 1))).json()["id"])
+        await asyncio.sleep(0.005)  # three distinct deadlines
+    assert (await reserve(client, "u4", (quiet, 1))).status_code == 201  # due after all three, on another shard
 
     expiring = (await read(client))["expiring"]
 
+    # one read of the crowded shard stopped at u2's deadline: u3's (unread) comes before u4's (read), so the
+    # list stops before u2's and shows no hold after one it did not read
     assert expiring["count_is_lower_bound"] is True
-    assert expiring["count"] == 2  # what one read saw of the three on that shard
+    assert expiring["count"] == 3  # u1, u2 and u4: what one read saw
+    assert [h["reservation_id"] for h in expiring["holds"]] == [ids[0]]
     monkeypatch.setattr(dashboard, "EXPIRY_SCAN_PER_SHARD", 4)
-    assert (await read(client))["expiring"] | {"holds": []} == {
-        "within_seconds": 60,
-        "count": 3,
-        "count_is_lower_bound": False,
-        "holds": [],
-    }
+    whole = (await read(client))["expiring"]
+    assert (whole["count"], whole["count_is_lower_bound"]) == (4, False)
+    assert [h["user_id"] for h in whole["holds"]] == ["u1", "u2", "u3", "u4"]
 
 
 @pytest_asyncio.fixture
@@ -288,3 +296,38 @@ async def _wait_until(pg: asyncpg.Pool, query: str, value: int, timeout_s: float
     while await pg.fetchval(query, TENANT) != value:
         assert time.monotonic() < deadline, f"{query} did not reach {value} in {timeout_s} s"
         await asyncio.sleep(0.05)
+
+
+async def test_a_hold_spanning_shards_and_buckets_is_one_row_with_a_line_per_sku(
+    pg: asyncpg.Pool, client: httpx.AsyncClient
+) -> None:
+    await put_sku(client, "dash-split-b", on_hand=6)
+    assert (await client.put("/v1/skus/dash-split-b/split", json={"buckets": 3})).status_code == 200  # 2 free in each
+    await put_sku(client, "tea", on_hand=5)
+    held = await reserve(client, "ann", ("dash-split-b", 5), ("tea", 1))  # no bucket has 5: spread over all three
+    assert held.status_code == 201, held.text
+
+    (hold,) = (await read(client, within_seconds=3600))["expiring"]["holds"]
+
+    assert hold["reservation_id"] == held.json()["id"] and hold["user_id"] == "ann"
+    assert sorted(hold["lines"], key=lambda line: line["sku"]) == [
+        {"sku": "dash-split-b", "quantity": 5},
+        {"sku": "tea", "quantity": 1},
+    ]
+
+
+async def test_a_split_sku_ranks_by_its_latest_change_in_any_bucket(
+    pg: asyncpg.Pool, client: httpx.AsyncClient
+) -> None:
+    await put_sku(client, "dash-split-c", on_hand=30)
+    assert (await client.put("/v1/skus/dash-split-c/split", json={"buckets": 3})).status_code == 200
+    await _wait_until(pg, "SELECT count(*) FROM sku WHERE tenant = $1 AND sku LIKE 'dash-split-c%'", 3)
+    await put_sku(client, "cold", on_hand=3)  # changed after every bucket of the split SKU
+    await _wait_for_row(pg, "cold")
+    assert [s["sku"] for s in (await read(client))["skus"]] == ["cold", "dash-split-c"]
+
+    user = next(f"u{i}" for i in range(1000) if first_bucket(f"u{i}", 3) == 2)
+    assert (await reserve(client, user, ("dash-split-c", 1))).status_code == 201  # held in bucket 2 only
+    await _wait_until(pg, "SELECT held FROM sku WHERE tenant = $1 AND sku = 'dash-split-c~2'", 1)
+
+    assert [s["sku"] for s in (await read(client))["skus"]] == ["dash-split-c", "cold"]

@@ -63,6 +63,14 @@ async def number(page: Page, testid: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+async def cards(page: Page) -> tuple[int | None, ...]:
+    """available, held and sold as one rendering shows them: read in one go, never across two polls."""
+    texts = await page.evaluate(
+        "['available', 'held', 'sold'].map((f) => document.getElementById('c-' + f).textContent.trim())"
+    )
+    return tuple(int(t) if t.isdigit() else None for t in texts)
+
+
 async def test_the_dashboard_follows_a_flash_sale_live_in_headless_chromium(
     server: str, service_env: dict[str, str], browser: Browser, tmp_path: Path
 ) -> None:
@@ -91,7 +99,7 @@ async def test_the_dashboard_follows_a_flash_sale_live_in_headless_chromium(
         mid_sale_shot = False
         deadline = time.monotonic() + 120
         while sale.returncode is None and time.monotonic() < deadline:
-            row = tuple([await number(page, f"card-{name}") for name in ("available", "held", "sold")])
+            row = await cards(page)
             if row[0] is not None and (not seen or row != seen[-1]):
                 seen.append(row)
             points = int(await page.get_by_test_id("chart").get_attribute("data-points") or 0)
@@ -162,11 +170,15 @@ async def test_the_page_asks_for_a_key_and_takes_one_from_its_fragment(
             )
             assert created.status_code == 201, created.text
         page = await browser.new_page()
+        polls: list[str] = []
+        page.on("request", lambda r: polls.append(r.url) if "/v1/dashboard" in r.url else None)
 
-        # without a key: the service's 401 is shown as it is, and the page asks for a key
+        # without a key: the service's 401 is shown as it is, and the page asks for a key and stops polling
         await page.goto(f"{base}/dashboard#sku=gin")
         await page.get_by_test_id("status").filter(has_text="error").wait_for(timeout=10_000)
         assert "401 unauthenticated" in await figure(page, "problem")
+        await page.wait_for_timeout(2_500)
+        assert len(polls) == 1, polls
         await page.locator("#key-input").fill(reader.token)
         await page.locator("#key-form button").click()
         await page.get_by_test_id("status").filter(has_text="live").wait_for(timeout=10_000)
