@@ -56,12 +56,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix app tests bench loadtests
 	$(BIN)/ruff format app tests bench loadtests
 
+# Installs Debian package $(1) (sudo unless root); refreshes the package lists only when the first try fails.
+apt_install = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+  $$SUDO apt-get install -y -qq $(1) >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1); }
+
 # The benchmark's load generator is wrk (compiled, so the client is not what is measured): Debian's package.
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
-	  echo "installing wrk (Debian package) for the benchmark"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -qq wrk >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }; }
+	  echo "installing wrk (Debian package) for the benchmark"; $(call apt_install,wrk); }
 
 # The dashboard's browser test (tests/loadtests/test_dashboard_in_a_browser.py) drives Debian's Chromium
 # through Playwright (a dev dependency that downloads no browser of its own): the distribution's build, which
@@ -69,9 +71,7 @@ wrk:
 CHROMIUM ?= /usr/bin/chromium
 chromium:
 	@test -x $(CHROMIUM) || { \
-	  echo "installing chromium (Debian package) for the dashboard's browser test"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }; }
+	  echo "installing chromium (Debian package) for the dashboard's browser test"; $(call apt_install,chromium); }
 
 bench: $(STAMP) wrk
 	$(BIN)/python -m bench.hotpath

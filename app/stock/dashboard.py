@@ -34,8 +34,8 @@ from app.stock.buckets import Split, SplitMap, bucket_sku, parent_sku
 from app.stock.clock import now_ms
 from app.stock.errors import SkuNotFound
 from app.stock.keys import BUCKET_SEPARATOR, KeySpace
-from app.stock.presale import PRESALE_FIELDS
-from app.stock.schemas import Mode, available_units, from_ms
+from app.stock.schemas import Mode, from_ms
+from app.stock.service import SKU_STATE_FIELDS, sku_state_of
 from app.worker.status import pipeline_status
 
 DEFAULT_SKUS = 20
@@ -49,7 +49,6 @@ MAX_HOLDS = 100
 # reads at most per poll, however many holds a sale has open. Only the holds shown are read whole.
 EXPIRY_SCAN_PER_SHARD = 200
 
-_COUNTERS = ("on_hand", "safety_stock", "held", "sold", "backordered", "mode", *PRESALE_FIELDS)
 # A split SKU's buckets are rows of their own ("<sku>~<i>"): they count for the SKU, and are never listed.
 _RECENT = """
 SELECT split_part(sku, $3, 1) AS sku FROM sku
@@ -62,12 +61,14 @@ LIMIT $2
 
 class DashboardSku(BaseModel):
     sku: str
-    on_hand: int | None = Field(description="null while the SKU's shard awaits a rebuild from PostgreSQL")
-    held: int | None
-    sold: int | None
-    backordered: int | None
-    available: int | None = Field(description="what a new hold may take, to any channel, presale included")
-    mode: Mode | None
+    on_hand: int | None = Field(default=None, description="null while the SKU's shard awaits a rebuild from PostgreSQL")
+    held: int | None = None
+    sold: int | None = None
+    backordered: int | None = None
+    available: int | None = Field(
+        default=None, description="what a new hold may take, to any channel, presale included"
+    )
+    mode: Mode | None = None
     buckets: int = Field(description="1, or the K buckets a split SKU is spread over (the figures are their sum)")
     ready: bool
 
@@ -137,7 +138,7 @@ class DashboardReader:
             names = [r["sku"] for r in rows]
             truncated = len(names) > query.limit
             names = names[: query.limit]
-        skus = await self._skus(tenant, names, now)
+        skus = await self._skus(tenant, names)
         if query.skus:
             missing = [s.sku for s in skus if s.ready and s.on_hand is None]
             if missing:
@@ -154,7 +155,7 @@ class DashboardReader:
             write_behind=await self._write_behind(),
         )
 
-    async def _skus(self, tenant: str, names: list[str], now: int) -> list[DashboardSku]:
+    async def _skus(self, tenant: str, names: list[str]) -> list[DashboardSku]:
         splits = {name: self.splits.get(tenant, name) for name in names}
         # every bucket's counters and its shard's ready marker, in one pipelined round trip; a lowered K's
         # drained buckets are read too until they are empty (Split.highest)
@@ -165,13 +166,13 @@ class DashboardReader:
                 for index in split.all_buckets() if split is not None else range(1):
                     shard = self.keys.shard_of(tenant, bucket_sku(name, index))
                     pipe.exists(self.keys.ready(shard))
-                    pipe.hmget(self.keys.sku(shard, tenant, bucket_sku(name, index)), _COUNTERS)
+                    pipe.hmget(self.keys.sku(shard, tenant, bucket_sku(name, index)), SKU_STATE_FIELDS)
                     reads.append((name, index))
             replies = await pipe.execute()
         per_sku: dict[str, list[tuple[bool, list[str | None]]]] = {name: [] for name in names}
         for (name, _), ready, values in zip(reads, replies[0::2], replies[1::2], strict=True):
             per_sku[name].append((bool(ready), values))
-        return [_sku_row(name, _routed(splits[name]), per_sku[name], now) for name in names]
+        return [_sku_row(name, _routed(splits[name]), per_sku[name]) for name in names]
 
     async def _expiring(self, tenant: str, within_seconds: int, limit: int, now: int) -> ExpiringHolds:
         """Three pipelined rounds: the due entries of every shard's index, the tenant of each (one field),
@@ -256,38 +257,23 @@ def _add_line(lines: list[DashboardLine], sku: str, quantity: int) -> None:
     lines.append(DashboardLine(sku=sku, quantity=quantity))
 
 
-def _sku_row(name: str, buckets: int, reads: list[tuple[bool, list[str | None]]], now: int) -> DashboardSku:
-    """One row: the sum of the SKU's buckets. A bucket on a shard awaiting a rebuild makes the figures unknown
-    (null) rather than a partial sum; a SKU that does not exist has null figures on a ready shard."""
+def _sku_row(name: str, buckets: int, reads: list[tuple[bool, list[str | None]]]) -> DashboardSku:
+    """One row: the sum of the SKU's buckets, each read as GET /v1/skus reads a SKU (sku_state_of), summed as
+    Splitter.state sums them. A bucket on a shard awaiting a rebuild makes the figures unknown (null) rather
+    than a partial sum; a SKU that does not exist has null figures on a ready shard."""
     ready = all(ok for ok, _ in reads)
     if not ready or reads[0][1][0] is None:
-        return DashboardSku(
-            sku=name,
-            on_hand=None,
-            held=None,
-            sold=None,
-            backordered=None,
-            available=None,
-            mode=None,
-            buckets=buckets,
-            ready=ready,
-        )
-    on_hand = held = sold = backordered = available = 0
-    for _, values in reads:
-        if values[0] is None:  # a bucket not created yet (a split being made): nothing in it
-            continue
-        n = [int(v or 0) for v in values[:5]]
-        cap, _eta, ends = (int(v or 0) for v in values[6:])
-        on_hand, held, sold, backordered = on_hand + n[0], held + n[2], sold + n[3], backordered + n[4]
-        available += available_units(n[0], n[1], n[2], n[3], n[4], cap, ends, now)
+        return DashboardSku(sku=name, buckets=buckets, ready=ready)
+    # a bucket not created yet (a split being made) holds nothing
+    states = [sku_state_of(name, values) for _, values in reads if values[0] is not None]
     return DashboardSku(
         sku=name,
-        on_hand=on_hand,
-        held=held,
-        sold=sold,
-        backordered=backordered,
-        available=available,
-        mode=Mode(str(reads[0][1][5])),
+        on_hand=sum(s.on_hand for s in states),
+        held=sum(s.held for s in states),
+        sold=sum(s.sold for s in states),
+        backordered=sum(s.backordered for s in states),
+        available=sum(s.available_total for s in states),
+        mode=states[0].mode,
         buckets=buckets,
         ready=True,
     )

@@ -369,7 +369,7 @@ class StockService:
     async def _state(self, shard: int, tenant: str, sku: str, values: Sequence[Any]) -> SkuState:
         """A catalogue script's reply as the SKU's state, with its channels (read after the call)."""
         channels = await self.redis.hgetall(self.keys.channels(shard, tenant, sku))
-        return _sku_state(sku, values, {str(f): str(v) for f, v in channels.items()})
+        return sku_state_of(sku, values, {str(f): str(v) for f, v in channels.items()})
 
     async def get_sku(self, tenant: str, sku: str, channel: str | None = None) -> SkuState:
         """The SKU's state; `available` is what a reservation naming `channel` (None: no channel) may take.
@@ -390,7 +390,7 @@ class StockService:
             raise NotReady.for_shard(shard)
         if values[0] is None:
             raise SkuNotFound(f"SKU {sku!r} does not exist", sku=sku)
-        state = _sku_state(sku, values, channels, channel)
+        state = sku_state_of(sku, values, channels, channel)
         # a read never teaches "sold out": only a refusal does
         if self.sold_out is not None and state.available_total > 0:
             self.sold_out.forget(tenant, [sku])
@@ -565,7 +565,7 @@ class StockService:
                 pipe.hmget(self.keys.sku(self.keys.shard_of(tenant, name), tenant, name), SKU_STATE_FIELDS)
             rows = await pipe.execute()
         found = zip(names, rows, strict=True)
-        return {name: 0 if row[0] is None else _sku_state(name, row).available_total for name, row in found}
+        return {name: 0 if row[0] is None else sku_state_of(name, row).available_total for name, row in found}
 
     def _bucket_known_empty(self, tenant: str, sku: str, bucket: int) -> bool:
         return self.sold_out is not None and (tenant, bucket_sku(sku, bucket)) in self.sold_out
@@ -891,7 +891,7 @@ class StockService:
         )
 
 
-def _sku_state(
+def sku_state_of(
     sku: str, values: Sequence[Any], channels: Mapping[str, str] | None = None, channel: str | None = None
 ) -> SkuState:
     """A SkuState from SKU_STATE_FIELDS' values (a script's reply or an HMGET; values past them are

@@ -288,12 +288,12 @@ async def test_the_page_is_self_contained_and_its_policy_allows_its_own_script_a
 
 
 async def _wait_for_row(pg: asyncpg.Pool, sku: str) -> None:
-    await _wait_until(pg, "SELECT count(*) FROM sku WHERE tenant = $1 AND sku = '" + sku + "'", 1)
+    await _wait_until(pg, "SELECT count(*) FROM sku WHERE tenant = $1 AND sku = $2", 1, sku)
 
 
-async def _wait_until(pg: asyncpg.Pool, query: str, value: int, timeout_s: float = 10) -> None:
+async def _wait_until(pg: asyncpg.Pool, query: str, value: int, *args: str, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
-    while await pg.fetchval(query, TENANT) != value:
+    while await pg.fetchval(query, TENANT, *args) != value:
         assert time.monotonic() < deadline, f"{query} did not reach {value} in {timeout_s} s"
         await asyncio.sleep(0.05)
 
